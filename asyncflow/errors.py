@@ -28,6 +28,9 @@ class WorkflowValidationError(AsyncflowError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"workflow {workflow!r}: {count} {noun} found:\n{lines}")
 
+    def __reduce__(self):  # errors cross process boundaries (Dask): rebuild from our fields
+        return (type(self), (self.workflow, self.problems))
+
 
 class OperatorError(AsyncflowError):
     """An operator failed or returned output that breaks its declared contract."""
@@ -40,7 +43,11 @@ class OperatorError(AsyncflowError):
             head = ", ".join(str(i) for i in self.sample_ids[:10])
             more = f" (+{len(self.sample_ids) - 10} more)" if len(self.sample_ids) > 10 else ""
             shown = f" [samples {head}{more}]"
+        self.detail = message
         super().__init__(f"operator {operator!r}: {message}{shown}")
+
+    def __reduce__(self):  # errors cross process boundaries (Dask): rebuild from our fields
+        return (type(self), (self.operator, self.detail, self.sample_ids))
 
 
 class QueueError(AsyncflowError):

@@ -1,0 +1,138 @@
+"""`asyncflow run | graph`: the command line over the workflows registry."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+
+from asyncflow.errors import AsyncflowError, ConfigError
+from asyncflow.workflows import lookup, registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except AsyncflowError as exc:
+        print(f"asyncflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    names = ", ".join(sorted(registry()))
+    parser = argparse.ArgumentParser(
+        prog="asyncflow",
+        description="RL post-training of language models as a DAG of operators on Dask.",
+    )
+    sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a workflow's post-training job",
+        description=f"Run a workflow ({names}) on an embedded Dask cluster or an existing one.",
+    )
+    run.add_argument("workflow", help=f"workflow name ({names})")
+    run.add_argument("--steps", type=int, help="training steps (default: the workflow's)")
+    run.add_argument("--seed", type=int, help="run seed (default: the workflow's)")
+    run.add_argument(
+        "--run-dir", type=Path, help="where metrics and weights go (default: runs/NAME-TIME)"
+    )
+    run.add_argument(
+        "--scheduler",
+        help="address of an existing Dask scheduler (tcp://HOST:PORT); default: start our own",
+    )
+    run.add_argument("--workers", type=int, default=2, help="embedded cluster worker processes")
+    run.add_argument(
+        "--host", default="127.0.0.1", help="interface the embedded cluster binds (localhost)"
+    )
+    _add_overrides(run)
+    run.set_defaults(handler=_cmd_run)
+
+    graph = sub.add_parser("graph", help="print a workflow's validated DAG")
+    graph.add_argument("workflow", help=f"workflow name ({names})")
+    graph.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of text")
+    _add_overrides(graph)
+    graph.set_defaults(handler=_cmd_graph)
+    return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a workflow config field, e.g. --set lr=1e-4 --set kl_coef=0.01",
+    )
+
+
+def _config(args: argparse.Namespace):
+    entry = lookup(args.workflow)
+    overrides = _parse_overrides(entry.config_type, args.overrides)
+    for flag in ("steps", "seed"):
+        if getattr(args, flag, None) is not None:
+            overrides[flag] = getattr(args, flag)
+    return entry, entry.config_type(**overrides)
+
+
+def _parse_overrides(config_type: type, pairs: list[str]) -> dict:
+    hints = typing.get_type_hints(config_type)
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(
+                f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}"
+            )
+        kind = _settable_type(hints[key])
+        if kind is None:
+            raise ConfigError(f"--set {key}: field of type {hints[key]} cannot be set here")
+        try:
+            out[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        except ValueError:
+            raise ConfigError(f"--set {key}={raw!r}: not a valid {kind.__name__}") from None
+    return out
+
+
+def _settable_type(hint: object) -> type | None:
+    """int/float/str/bool, also behind `X | None`; anything else is not settable from text."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return options[0] if len(options) == 1 and options[0] in (int, float, str, bool) else None
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from asyncflow.graph import render_dot, render_text
+
+    entry, cfg = _config(args)
+    graph = entry.build(cfg).build()
+    print(render_dot(graph) if args.dot else render_text(graph))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from asyncflow.runtime.cluster import ClusterConfig, connect
+    from asyncflow.runtime.executor import SyncExecutor
+
+    entry, cfg = _config(args)
+    run_dir = args.run_dir or Path("runs") / f"{args.workflow}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_json = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, default=str)
+    (run_dir / "config.json").write_text(config_json)
+    recipe = entry.recipe(cfg, run_dir)
+    cluster = ClusterConfig(scheduler=args.scheduler, n_workers=args.workers, host=args.host)
+    print(f"asyncflow: {args.workflow}, {cfg.steps} steps, run dir {run_dir}", flush=True)
+    with connect(cluster) as client:
+        SyncExecutor(recipe, client, run_dir).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Dask side of asyncflow: queue, executor, weight sync, checkpoints, metrics."""

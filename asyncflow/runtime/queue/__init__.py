@@ -1,0 +1,6 @@
+"""The TransferQueue: Arrow rows in, leased micro-batches out, columns added in between."""
+
+from asyncflow.runtime.queue import samplers
+from asyncflow.runtime.queue.transfer_queue import Lease, TransferQueue
+
+__all__ = ["Lease", "TransferQueue", "samplers"]

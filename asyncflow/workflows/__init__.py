@@ -1,0 +1,37 @@
+"""Ready workflows, by name: what `asyncflow run NAME` and `asyncflow graph NAME` look up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asyncflow.errors import ConfigError
+from asyncflow.graph import Workflow
+from asyncflow.workflows.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class WorkflowEntry:
+    config_type: type
+    build: Callable[[Any], Workflow]  # config -> workflow (for drawing; nothing runs)
+    recipe: Callable[[Any, Path], Recipe]  # config, run dir -> everything a run needs
+    summary: str
+
+
+def registry() -> dict[str, WorkflowEntry]:
+    from asyncflow.workflows import grpo
+
+    return {
+        "grpo": WorkflowEntry(
+            grpo.GRPOConfig, grpo.build, grpo.recipe, "GRPO on synthetic a+b arithmetic"
+        ),
+    }
+
+
+def lookup(name: str) -> WorkflowEntry:
+    entries = registry()
+    if name not in entries:
+        raise ConfigError(f"unknown workflow {name!r}; available: {', '.join(sorted(entries))}")
+    return entries[name]
