@@ -75,13 +75,6 @@ def test_identical_rewards_give_zero(value):
     assert got[4:] == pytest.approx([-r, r], abs=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="grpo_advantages: float32 rounding of the group mean leaves centered rewards of "
-    "~1e-8 for identical non-dyadic rewards; dividing by (std ~1e-8 + eps 1e-6) gives "
-    "|advantage| ~0.05 instead of the documented 0",
-)
 @pytest.mark.parametrize(("value", "n"), [(0.9, 3), (0.7, 7), (0.3, 6)])
 def test_identical_non_dyadic_rewards_give_zero(value, n):
     assert adv([value] * n, [0] * n) == [0.0] * n

@@ -170,12 +170,6 @@ def test_finite_check_ignores_int_columns_and_empty_lists():
     assert out.num_rows == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # "DID NOT RAISE"
-    reason="_check_finite flattens only one list level: NaN inside list<list<float32>> "
-    "passes the check",
-)
 def test_nan_inside_nested_list_column():
     nested = pa.array([[[0.5]], [[1.0, float("nan")]]], pa.list_(pa.list_(pa.float32())))
     with pytest.raises(OperatorError):

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from asyncflow.operators.losses import kl_estimate, masked_mean, ppo_clip_loss
+from asyncflow.operators.losses import (
+    aggregate,
+    aggregate_terms,
+    kl_estimate,
+    masked_mean,
+    ppo_clip_loss,
+)
 
 # --- kl_estimate ------------------------------------------------------------------------------
 
@@ -187,3 +193,42 @@ def test_ppo_clip_loss_at_ratio_one_is_minus_mean_advantage():
     assert metrics["actor/approx_kl"].item() == 0.0
     loss.backward()
     torch.testing.assert_close(lp.grad, torch.tensor([[-0.2] * 3, [0.4, 0.4, 0.0]]))
+
+
+# x = [[1, 2, 3], [4, 0, 0]] with mask [[1, 1, 1], [1, 0, 0]]: row sums 6 and 4, lengths 3 and 1
+AGG_X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+AGG_MASK = torch.tensor([[True, True, True], [True, False, False]])
+
+
+@pytest.mark.parametrize(
+    "mode, norm_len, expected",
+    [
+        ("token-mean", None, (6 + 4) / 4),  # every real token weighs the same
+        ("seq-mean-token-sum", None, (6 + 4) / 2),  # mean over rows of row sums
+        ("seq-mean-token-mean", None, (6 / 3 + 4 / 1) / 2),  # mean over rows of row means
+        ("seq-mean-token-sum-norm", 5, (6 + 4) / (2 * 5)),  # Dr.GRPO: constant length norm
+    ],
+)
+def test_aggregation_modes_exact(mode, norm_len, expected):
+    assert aggregate(AGG_X, AGG_MASK, mode, norm_len).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+)
+def test_aggregation_terms_add_up_across_micro_batches(mode):
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 5), torch.rand(6, 5) > 0.3
+    mask[:, 0] = True
+    whole = aggregate(x, mask, mode, norm_len=5)
+    parts = [aggregate_terms(x[s], mask[s], mode, norm_len=5) for s in (slice(0, 1), slice(1, 6))]
+    assert (sum(n for n, _ in parts) / sum(d for _, d in parts)).item() == pytest.approx(
+        whole.item(), rel=1e-6
+    )
+
+
+def test_aggregation_rejects_unknown_mode_and_missing_norm_len():
+    with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
+        aggregate(AGG_X, AGG_MASK, "sum")
+    with pytest.raises(ValueError, match="needs norm_len"):
+        aggregate(AGG_X, AGG_MASK, "seq-mean-token-sum-norm")

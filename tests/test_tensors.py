@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncflow.operators.tensors import (
@@ -97,12 +97,6 @@ def test_empty_batch():
     assert padded_to_list(tensor, mask, value_type=pa.int32()).to_pylist() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="list_to_padded(left=True) crashes when the longest row has length 1: "
-    "np.ascontiguousarray keeps the negative-stride view of a (B, 1) mask",
-)
 @pytest.mark.parametrize("rows", [[[5]], [[], [5], []]])
 def test_left_padding_width_one(rows):
     tensor, mask = list_to_padded(col(rows), left=True)
@@ -110,12 +104,6 @@ def test_left_padding_width_one(rows):
     assert mask.tolist() == [[bool(r)] for r in rows]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="an all-empty list<int32> column becomes a float32 tensor (dtype taken from the "
-    "values, which are empty), so the round trip returns list<float>",
-)
 def test_all_empty_int_column_keeps_int_dtype():
     tensor, mask = list_to_padded(col([[], []]))
     assert tuple(tensor.shape) == (2, 0)
@@ -237,8 +225,6 @@ ragged_ints = st.lists(
 @given(rows=ragged_ints, left=st.booleans(), start=st.integers(0, 2))
 def test_round_trip_property(rows, left, start):
     width = max(len(r) for r in rows)
-    # Width-one left padding and all-empty dtype have their own xfail tests above.
-    assume(not (left and width == 1))
     column = col([[0]] * start + rows).slice(start)  # exercise non-zero offsets too
     tensor, mask = list_to_padded(column, left=left)
     assert tuple(tensor.shape) == (len(rows), width)

@@ -27,16 +27,18 @@ def grpo_advantages(
             f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} "
             "must be equal 1-D shapes"
         )
-    rewards = rewards.to(torch.float32)
+    # float64 so a group of identical rewards centres to exactly 0 (float32 means of
+    # values like 0.7 leave ~1e-8 residues that eps would blow up to ~0.05)
+    r = rewards.to(torch.float64)
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     G = counts.shape[0]
-    sums = torch.zeros(G).index_add_(0, inverse, rewards)
-    means = sums / counts
-    centered = rewards - means[inverse]
-    if not normalize_std:
-        return centered
-    sq = torch.zeros(G).index_add_(0, inverse, centered**2)
-    dof = (counts - 1).clamp(min=1)
-    stds = torch.sqrt(sq / dof)
-    adv = centered / (stds[inverse] + eps)
-    return torch.where(counts[inverse] > 1, adv, torch.zeros_like(adv))
+    means = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, r) / counts
+    lo = torch.full((G,), torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amin")
+    hi = torch.full((G,), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, r, "amax")
+    uniform = (lo == hi)[inverse]  # no signal in this group: advantage exactly 0
+    centered = torch.where(uniform, 0.0, r - means[inverse])
+    if normalize_std:
+        sq = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, centered**2)
+        stds = torch.sqrt(sq / (counts - 1).clamp(min=1))
+        centered = centered / (stds[inverse] + eps)
+    return centered.to(torch.float32)

@@ -44,15 +44,16 @@ def list_to_padded(
     lengths = np.diff(offsets)
     values = column.flatten().to_numpy(zero_copy_only=False)
     batch, width = len(lengths), int(lengths.max()) if len(lengths) else 0
-    out = np.full((batch, width), pad_value, dtype=values.dtype if len(values) else np.float32)
+    # the dtype comes from the column type, so an all-empty column keeps it too
+    out = np.full((batch, width), pad_value, dtype=column.type.value_type.to_pandas_dtype())
     mask = np.arange(width)[None, :] < lengths[:, None]  # (B, T)
     if left:
-        mask = mask[:, ::-1]
+        mask = mask[:, ::-1].copy()  # a real copy: torch rejects negative strides
     out[mask] = values
     tensor = torch.from_numpy(out)
     if dtype is not None:
         tensor = tensor.to(dtype)
-    return tensor, torch.from_numpy(np.ascontiguousarray(mask))
+    return tensor, torch.from_numpy(mask)
 
 
 def padded_to_list(

@@ -113,15 +113,16 @@ def _as_mapping(operator, output, sample_ids) -> Mapping[str, pa.Array]:
 
 def _check_finite(operator: str, name: str, array: pa.Array, sample_ids: Sequence[int]) -> None:
     values = array
-    per_row = np.arange(len(array))
-    if pa.types.is_list(array.type):
-        values = pc.list_flatten(array)
-        per_row = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+    row_of = np.arange(len(array))  # row of each item of `values`
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        parents = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(values)
+        row_of = row_of[parents]
     if not pa.types.is_floating(values.type) or len(values) == 0:
         return
     finite = np.isfinite(values.to_numpy(zero_copy_only=False))
     if not finite.all():
-        rows = sorted(set(per_row[~finite].tolist()))
+        rows = sorted(set(row_of[~finite].tolist()))
         raise OperatorError(
             operator, f"column {name!r} holds NaN or inf", [sample_ids[r] for r in rows]
         )

@@ -73,7 +73,6 @@ def build(cfg: GRPOConfig, init_path: str | None = None) -> Workflow:
         "actor",
         PolicyUpdate(
             policy,
-            global_batch_size=cfg.prompts_per_step * cfg.group_size,
             optim=OptimConfig(lr=cfg.lr),
             clip_eps=cfg.clip_eps,
             kl_coef=cfg.kl_coef,
