@@ -14,15 +14,6 @@ CFG = ModelConfig(vocab_size=15, d_model=32, n_layers=2, n_heads=4, max_seq_len=
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model() -> CausalLM:
     torch.manual_seed(0)

@@ -30,15 +30,6 @@ I32 = pa.list_(pa.int32())
 F32 = pa.list_(pa.float32())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def ids_col(ids) -> pa.Array:
     return pa.array(ids, pa.int64())
 
