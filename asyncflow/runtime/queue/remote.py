@@ -1,0 +1,341 @@
+"""DistributedTransferQueue: the same API as the in-process queue, across a Dask cluster.
+
+A thin handle, like `distributed.Queue`: it pickles by name and binds late to whatever
+client or worker it lands on, so operators on any worker can pass it around. Writes keep
+their data in the writing process (`chunk_store.STORE`; from a client, on a worker picked
+round-robin) and commit metadata to the scheduler extension; a lease comes back as a
+plan of chunk pieces, fetched peer to peer (zero-copy when local) and assembled in lease
+order. Every method has an async twin: call `await q.get(...)` on an asynchronous client
+or from a worker's event loop, plain `q.get(...)` elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from distributed import get_client, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.serialize import to_serialize
+
+from asyncflow.errors import QueueError
+from asyncflow.runtime.queue.chunk_store import STORE
+from asyncflow.runtime.queue.extension import EXTENSION, TransferQueueSchedulerPlugin
+from asyncflow.runtime.queue.transfer_queue import (
+    DEFAULT_LENGTH_COLUMNS,
+    SAMPLE_ID,
+    Lease,
+    _as_batch,
+    _as_ids,
+    _column_types,
+    _lease_id,
+    _requested_columns,
+    _row_meta,
+    _without_echoed_ids,
+)
+from asyncflow.runtime.queue.wire import pack, pack_meta, pack_types, unpack
+
+
+class TransferQueueWorkerPlugin(WorkerPlugin):
+    """Serves this worker's chunks to peers: `tq_fetch`, `tq_store`, `tq_drop`."""
+
+    name = "asyncflow-transfer-queue"
+
+    def setup(self, worker) -> None:
+        worker.handlers.update({"tq_fetch": _fetch, "tq_store": _store, "tq_drop": _drop})
+
+
+def _fetch(queue: str, pieces: list[dict]) -> list:
+    return [
+        to_serialize(STORE.take(queue, p["chunk_id"], unpack(p["offsets"]), p["columns"]))
+        for p in pieces
+    ]
+
+
+def _store(queue: str, chunk_id: int, batch: pa.RecordBatch) -> None:
+    STORE.put(queue, chunk_id, batch)
+
+
+def _drop(queue: str, chunk_ids: list[int]) -> int:
+    return STORE.drop(queue, chunk_ids)
+
+
+def install(client) -> None:
+    """Register the scheduler extension and worker handlers, unless already there."""
+    if client.run_on_scheduler(_installed):
+        return
+    client.register_plugin(TransferQueueSchedulerPlugin())
+    client.register_plugin(TransferQueueWorkerPlugin())
+
+
+def _installed(dask_scheduler) -> bool:
+    return EXTENSION in dask_scheduler.extensions
+
+
+class DistributedTransferQueue:
+    def __init__(
+        self,
+        name: str | None = None,
+        client=None,
+        *,
+        length_columns: Sequence[str] = DEFAULT_LENGTH_COLUMNS,
+        create: bool = True,
+    ) -> None:
+        self.name = name or f"asyncflow-tq-{secrets.token_hex(4)}"
+        self.length_columns = tuple(length_columns)
+        self._client = client
+        self._round_robin = None
+        if create:
+            install(self.client)
+            self.client.sync(self.client.scheduler.tq_create, name=self.name)
+
+    def __reduce__(self):
+        return (_rebind, (self.name, self.length_columns))
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = get_client()
+        return self._client
+
+    def _sync(self, coro_fn, *args, **kwargs):
+        return self.client.sync(coro_fn, *args, **kwargs)
+
+    # ---- writes -----------------------------------------------------------------------
+
+    def add_rows(self, partition: Hashable, batch: pa.RecordBatch | pa.Table):
+        """Append rows; returns their sample ids (np.ndarray[int64])."""
+        return self._sync(self._add_rows, partition, batch)
+
+    async def _add_rows(self, partition, batch) -> np.ndarray:
+        context = f"add_rows to queue {self.name!r} partition {partition!r}"
+        batch = _as_batch(batch, context)
+        if SAMPLE_ID in batch.schema.names:
+            raise QueueError(f"{context}: sample ids are assigned by the queue; drop {SAMPLE_ID!r}")
+        types, meta = _column_types(batch, context), _row_meta(batch, self.length_columns, context)
+        chunk_id, address = await self._store(batch)
+        try:
+            ids = await self.client.scheduler.tq_add_rows(
+                name=self.name,
+                partition=partition,
+                chunk_id=chunk_id,
+                address=address,
+                rows=batch.num_rows,
+                nbytes=batch.nbytes,
+                types=pack_types(types),
+                meta=pack_meta(meta),
+            )
+        except BaseException:
+            await self._unstore(chunk_id, address)
+            raise
+        return unpack(ids)
+
+    def put(self, partition, sample_ids, batch, *, producer: str | None = None) -> None:
+        """Write new columns for existing rows; visible together once committed."""
+        return self._sync(self._put, partition, sample_ids, batch, producer)
+
+    async def _put(self, partition, sample_ids, batch, producer) -> None:
+        context = f"put to queue {self.name!r} partition {partition!r}"
+        batch = _as_batch(batch, context)
+        ids = _as_ids(sample_ids, context)
+        if batch.num_rows != len(ids):
+            raise QueueError(f"{context}: batch has {batch.num_rows} rows for {len(ids)} ids")
+        batch = _without_echoed_ids(batch, ids, context)
+        types, meta = _column_types(batch, context), _row_meta(batch, self.length_columns, context)
+        chunk_id, address = await self._store(batch)
+        try:
+            await self.client.scheduler.tq_put(
+                name=self.name,
+                partition=partition,
+                sample_ids=pack(ids),
+                chunk_id=chunk_id,
+                address=address,
+                nbytes=batch.nbytes,
+                types=pack_types(types),
+                meta=pack_meta(meta),
+                producer=producer,
+            )
+        except BaseException:
+            await self._unstore(chunk_id, address)
+            raise
+
+    async def _store(self, batch: pa.RecordBatch) -> tuple[int, str]:
+        """Keep the data here if we are a worker; otherwise hand it to a worker."""
+        chunk_id = secrets.randbits(62)
+        local = _local_address()
+        if local is not None:
+            STORE.put(self.name, chunk_id, batch)
+            return chunk_id, local
+        address = await self._next_worker()
+        await self.client.rpc(address).tq_store(
+            queue=self.name, chunk_id=chunk_id, batch=to_serialize(batch)
+        )
+        return chunk_id, address
+
+    async def _unstore(self, chunk_id: int, address: str) -> None:
+        if address == _local_address():
+            STORE.drop(self.name, [chunk_id])
+        else:
+            await self.client.rpc(address).tq_drop(queue=self.name, chunk_ids=[chunk_id])
+
+    async def _next_worker(self) -> str:
+        if self._round_robin is None:
+            info = await self.client.scheduler.identity()
+            workers = sorted(info["workers"])
+            if not workers:
+                raise QueueError(f"queue {self.name!r}: no workers to hold data put by a client")
+            self._round_robin = itertools.cycle(workers)
+        return next(self._round_robin)
+
+    # ---- consumption ------------------------------------------------------------------
+
+    def get(
+        self,
+        task: str,
+        columns: Sequence[str],
+        partition: Hashable,
+        *,
+        batch_size: int | None = None,
+        sampler: str = "sequential",
+        timeout: float | None = 0.0,
+        min_rows: int = 1,
+        lease_timeout: float | None = None,
+    ) -> Lease | None:
+        """Lease ready rows for `task`, waiting up to `timeout` s (None: forever) for them."""
+        return self._sync(
+            self._get,
+            task,
+            columns,
+            partition,
+            batch_size,
+            sampler,
+            timeout,
+            min_rows,
+            lease_timeout,
+        )
+
+    async def _get(
+        self, task, columns, partition, batch_size, sampler, timeout, min_rows, lease_timeout
+    ) -> Lease | None:
+        cols = _requested_columns(columns, f"get for task {task!r}")
+        sampler = getattr(sampler, "__name__", sampler)
+        reply = await self.client.scheduler.tq_get(
+            name=self.name,
+            task=task,
+            columns=cols,
+            partition=partition,
+            batch_size=batch_size,
+            sampler=sampler,
+            owner=self._owner(),
+            timeout=timeout,
+            min_rows=min_rows,
+            lease_timeout=lease_timeout,
+        )
+        if reply is None:
+            return None
+        ids = unpack(reply["sample_ids"])
+        try:
+            batch = await self._assemble(ids, cols, reply["plan"])
+        except BaseException:
+            await self.client.scheduler.tq_release(name=self.name, lease_id=reply["lease_id"])
+            raise
+        return Lease(reply["lease_id"], task, partition, ids, batch)
+
+    def ack(self, lease: Lease | int) -> None:
+        return self._sync(self.client.scheduler.tq_ack, name=self.name, lease_id=_lease_id(lease))
+
+    def release(self, lease: Lease | int) -> None:
+        return self._sync(
+            self.client.scheduler.tq_release, name=self.name, lease_id=_lease_id(lease)
+        )
+
+    # ---- reads ------------------------------------------------------------------------
+
+    def gather(self, partition, columns: Sequence[str], sample_ids=None) -> pa.Table:
+        return self._sync(self._gather, partition, columns, sample_ids)
+
+    async def _gather(self, partition, columns, sample_ids) -> pa.Table:
+        context = f"gather from queue {self.name!r} partition {partition!r}"
+        cols = _requested_columns(columns, context)
+        ids = None if sample_ids is None else pack(_as_ids(sample_ids, context))
+        reply = await self.client.scheduler.tq_gather(
+            name=self.name, partition=partition, columns=cols, sample_ids=ids
+        )
+        batch = await self._assemble(unpack(reply["sample_ids"]), cols, reply["plan"])
+        return pa.Table.from_batches([batch])
+
+    async def _assemble(self, ids: np.ndarray, columns: list[str], plan: list[dict]):
+        """Fetch every piece (one request per holder, all holders at once), then reorder."""
+        by_address: dict[str, list[dict]] = {}
+        for piece in plan:
+            by_address.setdefault(piece["address"], []).append(piece)
+        local = _local_address()
+
+        async def fetch(address: str, pieces: list[dict]) -> list[pa.RecordBatch]:
+            if address == local:
+                return [
+                    STORE.take(self.name, p["chunk_id"], unpack(p["offsets"]), p["columns"])
+                    for p in pieces
+                ]
+            try:
+                return await self.client.rpc(address).tq_fetch(queue=self.name, pieces=pieces)
+            except OSError as exc:
+                raise QueueError(
+                    f"queue {self.name!r}: the worker {address} holding these rows is "
+                    f"unreachable ({exc!r}); the lease is released for redelivery"
+                ) from exc
+
+        results = await asyncio.gather(*(fetch(a, p) for a, p in by_address.items()))
+        parts: dict[str, list[tuple[np.ndarray, pa.Array]]] = {c: [] for c in columns}
+        for pieces, batches in zip(by_address.values(), results, strict=True):
+            for piece, batch in zip(pieces, batches, strict=True):
+                rows = unpack(piece["rows"])
+                for col in piece["columns"]:
+                    parts[col].append((rows, batch.column(col)))
+        arrays = [pa.array(ids, pa.int64())] + [_in_order(parts[c], len(ids)) for c in columns]
+        return pa.RecordBatch.from_arrays(arrays, names=[SAMPLE_ID, *columns])
+
+    # ---- housekeeping -----------------------------------------------------------------
+
+    def clear(self, partition: Hashable) -> None:
+        return self._sync(self.client.scheduler.tq_clear, name=self.name, partition=partition)
+
+    def stats(self) -> dict[str, Any]:
+        return self._sync(self.client.scheduler.tq_stats, name=self.name)
+
+    def lost(self, partition: Hashable) -> np.ndarray:
+        """Sample ids of rows whose data died with a worker (to be replaced by the source)."""
+        data = self._sync(self.client.scheduler.tq_lost, name=self.name, partition=partition)
+        return unpack(data) if isinstance(data, bytes) else data
+
+    def close(self) -> None:
+        """Drop the queue: metadata on the scheduler, chunks on every worker."""
+        return self._sync(self.client.scheduler.tq_drop_queue, name=self.name)
+
+    def _owner(self) -> str:
+        return _local_address() or self.client.id
+
+
+def _rebind(name: str, length_columns: tuple[str, ...]) -> DistributedTransferQueue:
+    return DistributedTransferQueue(name, length_columns=length_columns, create=False)
+
+
+def _local_address() -> str | None:
+    try:
+        return get_worker().address
+    except ValueError:
+        return None
+
+
+def _in_order(pieces: list[tuple[np.ndarray, pa.Array]], n: int) -> pa.Array:
+    """Arrays of lease rows `rows` each, merged into lease order (no copy if one piece)."""
+    if len(pieces) == 1 and len(pieces[0][0]) == n and np.array_equal(pieces[0][0], np.arange(n)):
+        return pieces[0][1]
+    rows = np.concatenate([r for r, _ in pieces])
+    merged = pa.concat_arrays([a for _, a in pieces])
+    return merged.take(pa.array(np.argsort(rows, kind="stable"), pa.int64()))
