@@ -195,3 +195,22 @@ def test_extension_is_installed_once(cluster):
     DistributedTransferQueue(client=client).close()
     DistributedTransferQueue(client=client).close()
     assert client.run_on_scheduler(lambda dask_scheduler: EXTENSION in dask_scheduler.extensions)
+
+
+def test_async_call_style_on_an_asynchronous_client(cluster):
+    import asyncio
+
+    local, _ = cluster
+
+    async def main():
+        async with Client(local.scheduler_address, asynchronous=True) as client:
+            queue = await DistributedTransferQueue(client=client)
+            ids = await queue.add_rows(0, prompts(3))
+            lease = await queue.get("actor", ["prompt_ids"], 0, timeout=5)
+            await queue.ack(lease)
+            stats = await queue.stats()
+            await queue.close()
+            return ids.tolist(), lease.sample_ids.tolist(), stats["leases_in_flight"]
+
+    ids, leased, in_flight = asyncio.run(main())
+    assert ids == leased == [*range(ids[0], ids[0] + 3)] and in_flight == 0

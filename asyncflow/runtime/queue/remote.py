@@ -65,12 +65,12 @@ def _drop(queue: str, chunk_ids: list[int]) -> int:
     return STORE.drop(queue, chunk_ids)
 
 
-def install(client) -> None:
+async def install(client) -> None:
     """Register the scheduler extension and worker handlers, unless already there."""
-    if client.run_on_scheduler(_installed):
+    if await client.run_on_scheduler(_installed):
         return
-    client.register_plugin(TransferQueueSchedulerPlugin())
-    client.register_plugin(TransferQueueWorkerPlugin())
+    await client.register_plugin(TransferQueueSchedulerPlugin())
+    await client.register_plugin(TransferQueueWorkerPlugin())
 
 
 def _installed(dask_scheduler) -> bool:
@@ -90,9 +90,20 @@ class DistributedTransferQueue:
         self.length_columns = tuple(length_columns)
         self._client = client
         self._round_robin = None
-        if create:
-            install(self.client)
-            self.client.sync(self.client.scheduler.tq_create, name=self.name)
+        # On an asynchronous client this is a coroutine, awaited by `await queue`.
+        self._started = self._sync(self._create) if create else None
+
+    async def _create(self) -> None:
+        await install(self.client)
+        await self.client.scheduler.tq_create(name=self.name)
+
+    def __await__(self):
+        async def started():
+            if self._started is not None and hasattr(self._started, "__await__"):
+                await self._started
+            return self
+
+        return started().__await__()
 
     def __reduce__(self):
         return (_rebind, (self.name, self.length_columns))
@@ -104,6 +115,7 @@ class DistributedTransferQueue:
         return self._client
 
     def _sync(self, coro_fn, *args, **kwargs):
+        """Run now from synchronous code; return an awaitable on an asynchronous client."""
         return self.client.sync(coro_fn, *args, **kwargs)
 
     # ---- writes -----------------------------------------------------------------------
