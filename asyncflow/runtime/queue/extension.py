@@ -37,6 +37,7 @@ from tornado.ioloop import PeriodicCallback
 
 from asyncflow.errors import QueueError
 from asyncflow.runtime.queue import samplers
+from asyncflow.runtime.queue.coalesce import run_each
 from asyncflow.runtime.queue.controller import Controller
 from asyncflow.runtime.queue.wire import pack, unpack, unpack_meta, unpack_types
 
@@ -81,6 +82,7 @@ class TransferQueueExtension:
                 "tq_add_rows": self.add_rows,
                 "tq_put": self.put,
                 "tq_get": self.get,
+                "tq_batch": self.batch,
                 "tq_ack": self.ack,
                 "tq_release": self.release,
                 "tq_gather": self.gather,
@@ -225,6 +227,33 @@ class TransferQueueExtension:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 return None
+
+    def batch(self, name: str, requests: list[dict]) -> list[dict]:
+        """Many consumers' non-waiting gets, acks and releases in one message."""
+        return run_each(requests, lambda request: self._one(name, request))
+
+    def _one(self, name: str, request: dict):
+        op = request["op"]
+        if op == "ack":
+            return self.ack(name, request["lease_id"])
+        if op == "release":
+            return self.release(name, request["lease_id"])
+        if op == "get":
+            sampler = request["sampler"]
+            if sampler not in SAMPLERS:
+                raise QueueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
+            return self._try_lease(
+                self._queue(name),
+                request["task"],
+                request["columns"],
+                request["partition"],
+                request["batch_size"],
+                SAMPLERS[sampler],
+                request["owner"],
+                request["lease_timeout"],
+                request["min_rows"],
+            )
+        raise QueueError(f"unknown queue operation {op!r}")
 
     def _try_lease(
         self, state, task, columns, partition, batch_size, sampler, owner, lease_timeout, min_rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import weakref
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from distributed.protocol.serialize import to_serialize
 
 from asyncflow.errors import QueueError
 from asyncflow.runtime.queue.chunk_store import STORE
+from asyncflow.runtime.queue.coalesce import Coalescer, run_each
 from asyncflow.runtime.queue.extension import EXTENSION, TransferQueueSchedulerPlugin
 from asyncflow.runtime.queue.transfer_queue import (
     DEFAULT_LENGTH_COLUMNS,
@@ -50,11 +52,15 @@ class TransferQueueWorkerPlugin(WorkerPlugin):
         worker.handlers.update({"tq_fetch": _fetch, "tq_store": _store, "tq_drop": _drop})
 
 
-def _fetch(queue: str, pieces: list[dict]) -> list:
-    return [
-        to_serialize(STORE.take(queue, p["chunk_id"], unpack(p["offsets"]), p["columns"]))
-        for p in pieces
-    ]
+def _fetch(queue: str, requests: list[list[dict]]) -> list[dict]:
+    """Several consumers' pieces in one message; each request answered on its own."""
+    return run_each(requests, lambda pieces: [_take(queue, p) for p in pieces])
+
+
+def _take(queue: str, piece: dict):
+    return to_serialize(
+        STORE.take(queue, piece["chunk_id"], unpack(piece["offsets"]), piece["columns"])
+    )
 
 
 def _store(queue: str, chunk_id: int, batch: pa.RecordBatch) -> None:
@@ -111,7 +117,7 @@ class DistributedTransferQueue:
     @property
     def client(self):
         if self._client is None:
-            self._client = get_client()
+            self._client = _current_client()
         return self._client
 
     def _sync(self, coro_fn, *args, **kwargs):
@@ -259,12 +265,18 @@ class DistributedTransferQueue:
         return Lease(reply["lease_id"], task, partition, ids, batch)
 
     def ack(self, lease: Lease | int) -> None:
-        return self._sync(self.client.scheduler.tq_ack, name=self.name, lease_id=_lease_id(lease))
+        """The lease's outputs are stored: its rows are consumed by its task for good."""
+        return self._sync(self._control, {"op": "ack", "lease_id": _lease_id(lease)})
 
     def release(self, lease: Lease | int) -> None:
-        return self._sync(
-            self.client.scheduler.tq_release, name=self.name, lease_id=_lease_id(lease)
-        )
+        """The consumer failed: its rows go back to the task."""
+        return self._sync(self._control, {"op": "release", "lease_id": _lease_id(lease)})
+
+    async def _control(self, request: dict):
+        async def send(requests: list[dict]) -> list[dict]:
+            return await self.client.scheduler.tq_batch(name=self.name, requests=requests)
+
+        return await _coalescer(("scheduler", self.name), send).call(request)
 
     # ---- reads ------------------------------------------------------------------------
 
@@ -294,8 +306,12 @@ class DistributedTransferQueue:
                     STORE.take(self.name, p["chunk_id"], unpack(p["offsets"]), p["columns"])
                     for p in pieces
                 ]
+
+            async def send(requests: list[list[dict]]) -> list[dict]:
+                return await self.client.rpc(address).tq_fetch(queue=self.name, requests=requests)
+
             try:
-                return await self.client.rpc(address).tq_fetch(queue=self.name, pieces=pieces)
+                return await _coalescer((address, self.name), send).call(pieces)
             except OSError as exc:
                 raise QueueError(
                     f"queue {self.name!r}: the worker {address} holding these rows is "
@@ -333,15 +349,50 @@ class DistributedTransferQueue:
         return _local_address() or self.client.id
 
 
+# event loop -> (destination, queue) -> Coalescer: one per process, shared by every handle
+_COALESCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _coalescer(key: tuple[str, str], send) -> Coalescer:
+    per_loop = _COALESCERS.setdefault(asyncio.get_running_loop(), {})
+    coalescer = per_loop.get(key)
+    if coalescer is None:
+        coalescer = per_loop[key] = Coalescer(send)
+    return coalescer
+
+
 def _rebind(name: str, length_columns: tuple[str, ...]) -> DistributedTransferQueue:
     return DistributedTransferQueue(name, length_columns=length_columns, create=False)
 
 
-def _local_address() -> str | None:
+def _current_client():
+    """The client of this task, or of this worker process when called from a user thread.
+
+    `get_client()` only knows task threads; threads a task starts (e.g. a pool of
+    consumers) fall back to the worker living in this process.
+    """
     try:
-        return get_worker().address
+        return get_client()
     except ValueError:
-        return None
+        worker = _process_worker()
+        if worker is None:
+            raise
+        return worker._get_client()
+
+
+def _process_worker():
+    try:
+        return get_worker()
+    except ValueError:
+        from distributed import Worker
+
+        alive = [w for w in list(Worker._instances) if w.status.name == "running"]
+        return alive[0] if len(alive) == 1 else None
+
+
+def _local_address() -> str | None:
+    worker = _process_worker()
+    return None if worker is None else worker.address
 
 
 def _in_order(pieces: list[tuple[np.ndarray, pa.Array]], n: int) -> pa.Array:
