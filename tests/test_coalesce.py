@@ -20,8 +20,10 @@ def test_concurrent_calls_share_messages_and_keep_their_own_results():
 
     async def main():
         c = Coalescer(send)
-        calls = [c.call({"x": i}) for i in range(6)]
-        return await asyncio.gather(*calls, return_exceptions=True)
+        first = asyncio.ensure_future(c.call({"x": 0}))
+        await asyncio.sleep(0.001)  # the first message is in flight
+        rest = [c.call({"x": i}) for i in range(1, 6)]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
 
     results = asyncio.run(main())
     assert results[:3] == [0, 10, 20] and results[4:] == [40, 50]
