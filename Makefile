@@ -6,7 +6,7 @@ ARGS ?=
 .PHONY: setup run test lint
 
 setup:
-	PYTHON=$(PYTHON) bash scripts/setup.sh test
+	PYTHON=$(PYTHON) bash scripts/setup.sh test,hf
 
 run: setup
 	$(PYTHON) -m asyncflow.cli run grpo $(ARGS)

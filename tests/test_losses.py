@@ -1,4 +1,5 @@
-"""asyncflow.operators.losses: KL estimators, masked mean and the PPO clipped surrogate."""
+"""asyncflow.operators.losses: KL estimators, aggregation, PPO (clip-higher, dual-clip,
+decoupled IS), entropy and the clipped value loss, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ import pytest
 import torch
 
 from asyncflow.operators.losses import (
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
     aggregate,
     aggregate_terms,
+    behaviour_is_weights,
+    decoupled_ppo_loss,
+    decoupled_ppo_token_loss,
+    entropy_from_logits,
+    entropy_loss,
     kl_estimate,
     masked_mean,
     ppo_clip_loss,
+    ppo_clip_token_loss,
+    value_clip_loss,
 )
 
 # --- kl_estimate ------------------------------------------------------------------------------
@@ -232,3 +242,227 @@ def test_aggregation_rejects_unknown_mode_and_missing_norm_len():
         aggregate(AGG_X, AGG_MASK, "sum")
     with pytest.raises(ValueError, match="needs norm_len"):
         aggregate(AGG_X, AGG_MASK, "seq-mean-token-sum-norm")
+
+
+# --- dual-clip and clip-higher ----------------------------------------------------------------
+# One row of 4 tokens, clip_eps = 0.2 (range [0.8, 1.2]), dual-clip c = 3:
+#   t  A   r    r A   clip(r) A   min(.)   dual: max(min, c A)   loss
+#   0  -1  5.0  -5.0  -1.2        -5.0     max(-5, -3) = -3       3.0   dual-clipped
+#   1  -1  2.0  -2.0  -1.2        -2.0     max(-2, -3) = -2       2.0
+#   2  +2  5.0  10.0   2.4         2.4     (A > 0: no dual)      -2.4   clipped
+#   3  -1  0.5  -0.5  -0.8        -0.8     max(-0.8, -3) = -0.8   0.8   clipped
+# token-mean loss = (3 + 2 - 2.4 + 0.8) / 4 = 0.85; without dual-clip token 0 costs 5:
+#   (5 + 2 - 2.4 + 0.8) / 4 = 1.35
+DC_RATIOS = torch.tensor([[5.0, 2.0, 5.0, 0.5]])
+DC_ADV = torch.tensor([[-1.0, -1.0, 2.0, -1.0]])
+DC_OLD = torch.tensor([[-1.0, -0.5, -2.0, -0.3]])
+DC_MASK = torch.ones(1, 4, dtype=torch.bool)
+
+
+def dc_logprob() -> torch.Tensor:
+    return (DC_OLD + torch.log(DC_RATIOS)).clone().requires_grad_(True)
+
+
+def test_dual_clip_hand_computed():
+    lp = dc_logprob()
+    loss, metrics = ppo_clip_loss(lp, DC_OLD, DC_ADV, DC_MASK, 0.2, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(0.85, abs=1e-6)
+    assert metrics["actor/dual_clip_frac"].item() == pytest.approx(0.25)
+    assert metrics["actor/clip_frac"].item() == pytest.approx(0.5)  # tokens 2 and 3
+    loss.backward()
+    # d loss / d logp = -r A / N on unclipped tokens (only token 1: -2 * -1 / 4 = 0.5);
+    # dual-clipped (constant c |A|) and clipped tokens get no gradient.
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.5, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    plain, plain_metrics = ppo_clip_loss(dc_logprob(), DC_OLD, DC_ADV, DC_MASK, 0.2)
+    assert plain.item() == pytest.approx(1.35, abs=1e-6)
+    assert "actor/dual_clip_frac" not in plain_metrics
+
+
+def test_dual_clip_bounds_the_loss_by_c_times_abs_advantage():
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.randn(16, 8, generator=gen) * 3
+    old = torch.randn(16, 8, generator=gen) * 3
+    adv = torch.randn(16, 8, generator=gen)
+    loss, _ = ppo_clip_token_loss(logp, old, adv, 0.2, clip_ratio_c=3.0)
+    assert (loss <= 3.0 * adv.abs() + 1e-6).all()
+    unbounded, _ = ppo_clip_token_loss(logp, old, adv, 0.2)
+    assert (unbounded > 3.0 * adv.abs() + 1e-3).any()  # the bound does bind on this data
+    torch.testing.assert_close(loss[adv > 0], unbounded[adv > 0])  # only A < 0 is touched
+
+
+def test_dual_clip_needs_c_above_one():
+    with pytest.raises(ValueError, match="clip_ratio_c > 1"):
+        ppo_clip_token_loss(OLD, OLD, OLD, 0.2, clip_ratio_c=1.0)
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    # A = +1, r = 1.25: clip_eps = 0.2 caps the objective at 1.2 (no gradient);
+    # clip_eps_high = 0.28 lets 1.25 through (gradient -r A = -1.25).
+    # A = -1, r = 0.75: the lower bound 0.8 is unchanged by clip_eps_high: objective -0.8.
+    old = torch.tensor([[-1.0, -1.0]])
+    lp = (old + torch.log(torch.tensor([[1.25, 0.75]]))).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, _ = ppo_clip_token_loss(lp, old, adv, 0.2)
+    torch.testing.assert_close(loss.detach(), torch.tensor([[-1.2, 0.8]]))
+    loss_high, _ = ppo_clip_token_loss(lp, old, adv, 0.2, clip_eps_high=0.28)
+    torch.testing.assert_close(loss_high.detach(), torch.tensor([[-1.25, 0.8]]))
+    loss_high.sum().backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.25, 0.0]]))
+
+
+# --- decoupled PPO: importance weights for stale samples --------------------------------------
+# prox / behav = [0.5, 1.5, 3.0, 10.0], cap 2:
+#   truncate: min(w, 2) = [0.5, 1.5, 2.0, 2.0];  mask (AReaL): [0.5, 1.5, 0, 0]; capped 2 / 4
+IS_BEHAV = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+IS_PROX = IS_BEHAV + torch.log(torch.tensor([[0.5, 1.5, 3.0, 10.0]]))
+
+
+def test_is_weights_truncate_and_mask():
+    w, stats = behaviour_is_weights(IS_PROX, IS_BEHAV, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 1.5, 2.0, 2.0]]))
+    assert stats["actor/is_capped_frac"].tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    w, _ = behaviour_is_weights(IS_PROX, IS_BEHAV, cap=2.0, mode="mask")
+    torch.testing.assert_close(w, torch.tensor([[0.5, 1.5, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="unknown IS mode 'clip'"):
+        behaviour_is_weights(IS_PROX, IS_BEHAV, mode="clip")
+
+
+def test_is_weights_carry_no_gradient():
+    prox = IS_PROX.clone().requires_grad_(True)
+    w, _ = behaviour_is_weights(prox, IS_BEHAV)
+    assert not w.requires_grad
+
+
+def test_decoupled_loss_hand_computed():
+    # pi = pi_prox (ratio 1, inside the clip range) and A = +1: per-token loss -w,
+    # token-mean = -(0.5 + 1.5 + 2 + 2) / 4 = -1.5; gradient -w r A / N = -w / 4.
+    lp = IS_PROX.clone().requires_grad_(True)
+    adv = torch.ones(1, 4)
+    loss, metrics = decoupled_ppo_loss(lp, IS_PROX, IS_BEHAV, adv, DC_MASK, is_cap=2.0)
+    assert loss.item() == pytest.approx(-1.5, abs=1e-6)
+    assert metrics["actor/is_weight"].item() == pytest.approx(1.5, abs=1e-6)
+    assert metrics["actor/is_capped_frac"].item() == pytest.approx(0.5)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, -torch.tensor([[0.5, 1.5, 2.0, 2.0]]) / 4)
+
+
+def test_decoupled_ratio_is_taken_against_the_proximal_policy():
+    # pi / pi_prox = 1.5 with A = +1 is clipped to 1.2 whatever pi_behav is; the weight
+    # pi_prox / pi_behav = 1.5 (below the cap) then scales it: loss = -1.2 * 1.5 = -1.8
+    behav = torch.tensor([[-2.0]])
+    prox = behav + math.log(1.5)
+    lp = prox + math.log(1.5)
+    loss, stats = decoupled_ppo_token_loss(lp, prox, behav, torch.ones(1, 1), 0.2, is_cap=5.0)
+    assert loss.item() == pytest.approx(-1.8, abs=1e-6)
+    assert stats["actor/clip_frac"].item() == 1.0
+
+
+def test_decoupled_equals_ppo_when_fresh():
+    # pi_prox = pi_behav: every weight is 1 and the loss is plain PPO against it.
+    lp = logprob()
+    ppo, _ = ppo_clip_token_loss(lp, OLD, ADV_ROW, 0.2, clip_ratio_c=3.0)
+    dec, _ = decoupled_ppo_token_loss(lp, OLD, OLD, ADV_ROW, 0.2, clip_ratio_c=3.0)
+    torch.testing.assert_close(dec, ppo)
+
+
+def test_policy_loss_registry_records_inputs_and_options():
+    import inspect
+
+    for name, spec in POLICY_LOSSES.items():
+        params = inspect.signature(spec.fn).parameters
+        for arg in ("logprob", "advantages", *spec.inputs, *spec.options):
+            assert arg in params, (name, arg)
+    assert POLICY_LOSSES["decoupled_ppo"].inputs == ("prox_logprob", "behav_logprob")
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+
+
+# --- entropy ----------------------------------------------------------------------------------
+
+
+def test_entropy_hand_computed():
+    # p = [0.5, 0.25, 0.25]: H = -(0.5 ln 0.5 + 2 * 0.25 ln 0.25) = 1.5 ln 2
+    # uniform over 8: ln 8; a near one-hot distribution: ~0
+    logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]])
+    assert entropy_from_logits(logits).item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
+    assert entropy_from_logits(torch.zeros(8)).item() == pytest.approx(math.log(8), abs=1e-6)
+    assert entropy_from_logits(torch.tensor([50.0, 0.0, 0.0])).item() == pytest.approx(0, abs=1e-6)
+    # shifting logits changes nothing
+    assert entropy_from_logits(logits + 7.0).item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
+
+
+def test_entropy_loss_is_minus_aggregated_entropy():
+    # entropies [[1, 2, 3], [4, pad, pad]]: token-mean 10 / 4 = 2.5, loss -2.5
+    loss, metrics = entropy_loss(AGG_X, AGG_MASK)
+    assert loss.item() == pytest.approx(-2.5)
+    assert metrics["actor/entropy"].item() == pytest.approx(2.5)
+    seq, _ = entropy_loss(AGG_X, AGG_MASK, "seq-mean-token-mean")
+    assert seq.item() == pytest.approx(-(2 + 4) / 2)
+
+
+# --- clipped value loss -----------------------------------------------------------------------
+# clip_eps = 0.2; per token (V, V_old, R):
+#   (1.0, 0.5, 2.0): (V-R)^2 = 1;    V_clip = 0.5 + 0.2 = 0.7, (0.7-2)^2 = 1.69 -> 1.69 / 2 = 0.845
+#                    clipped term is larger (counts in clip_frac) and constant in V: grad 0
+#   (1.0, 0.9, 0.0): (V-R)^2 = 1;    V_clip = V = 1.0 (inside), 1          -> 0.5, grad (V-R) = 1
+#   (0.0, 0.5, 1.0): (V-R)^2 = 1;    V_clip = 0.3, (0.3-1)^2 = 0.49      -> 0.5, grad -1
+#   (3.0, 2.0, 2.5): (V-R)^2 = 0.25; V_clip = 2.2, (2.2-2.5)^2 = 0.09    -> 0.125, grad 0.5
+#   (pad)            ignored
+# token-mean = (0.845 + 0.5 + 0.5 + 0.125) / 4 = 0.4925; clip_frac = 1 / 4
+V_NEW = torch.tensor([[1.0, 1.0, 0.0], [3.0, 8.0, 8.0]])
+V_OLD = torch.tensor([[0.5, 0.9, 0.5], [2.0, 0.0, 0.0]])
+V_RET = torch.tensor([[2.0, 0.0, 1.0], [2.5, 0.0, 0.0]])
+V_MASK = torch.tensor([[True, True, True], [True, False, False]])
+
+
+def test_value_clip_loss_hand_computed():
+    v = V_NEW.clone().requires_grad_(True)
+    loss, metrics = value_clip_loss(v, V_OLD, V_RET, V_MASK, clip_eps=0.2)
+    assert loss.item() == pytest.approx(0.4925, abs=1e-6)
+    assert metrics["critic/vf_clip_frac"].item() == pytest.approx(0.25)
+    assert metrics["critic/vpred_mean"].item() == pytest.approx((1 + 1 + 0 + 3) / 4)
+    loss.backward()
+    expected = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.0, 0.0]]) / 4
+    torch.testing.assert_close(v.grad, expected, atol=1e-6, rtol=0)
+
+
+def test_value_loss_without_clipping():
+    # (V - R)^2 / 2 over real tokens: [1, 1, 1, 0.25] / 2 -> mean 3.25 / 8 = 0.40625
+    loss, metrics = value_clip_loss(V_NEW, V_OLD, V_RET, V_MASK, clip_eps=None)
+    assert loss.item() == pytest.approx(0.40625)
+    assert metrics["critic/vf_clip_frac"].item() == 0.0
+
+
+# --- gradient checks (float64, finite differences) --------------------------------------------
+
+
+def f64(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_(True)
+
+
+def test_gradcheck_ppo_dual_clip_and_decoupled():
+    old, adv = f64(3, 4, seed=1).detach(), f64(3, 4, seed=2).detach()
+    behav = f64(3, 4, seed=3).detach()
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    lp = (old + f64(3, 4, seed=4, scale=0.5)).detach().requires_grad_(True)
+
+    def ppo(x):
+        return ppo_clip_loss(x, old, adv, mask, 0.2, clip_ratio_c=3.0)[0]
+
+    def decoupled(x):
+        return decoupled_ppo_loss(x, old, behav, adv, mask, 0.2, "seq-mean-token-mean")[0]
+
+    assert torch.autograd.gradcheck(ppo, (lp,))
+    assert torch.autograd.gradcheck(decoupled, (lp,))
+
+
+def test_gradcheck_value_loss_entropy_and_kl():
+    old, ret = f64(2, 5, seed=5).detach(), f64(2, 5, seed=6).detach()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    v = (old + f64(2, 5, seed=7, scale=0.5)).detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: value_clip_loss(x, old, ret, mask)[0], (v,))
+    assert torch.autograd.gradcheck(entropy_from_logits, (f64(2, 3, 6, seed=8),))
+    ref = f64(2, 5, seed=9).detach()
+    for kind in KL_ESTIMATORS:
+        lp = f64(2, 5, seed=10)
+        assert torch.autograd.gradcheck(lambda x, k=kind: kl_estimate(x, ref, k), (lp,))

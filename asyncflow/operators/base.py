@@ -48,6 +48,12 @@ class Operator:
         """Build heavy state (models, optimizers) on the worker; default keeps the context."""
         self.ctx = ctx
 
+    @property
+    def operator_name(self) -> str:
+        """The workflow node's name once set up (errors name it); the class name before."""
+        ctx = getattr(self, "ctx", None)
+        return ctx.name if ctx is not None else type(self).__name__
+
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch | Mapping[str, pa.Array]:
         raise NotImplementedError
 

@@ -11,12 +11,34 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v), each (B, H, T, Dh)
+
+
+@runtime_checkable
+class CausalLMLike(Protocol):
+    """What sampling, scoring and training need from a language model.
+
+    The native `CausalLM` satisfies it, and so does `hf.HFCausalLM` around any
+    `transformers` causal LM. `attention_mask` (B, S) covers past + current
+    tokens (1 = real); position ids count real tokens, so left- and right-padded
+    rows agree. `past` is opaque to callers: whatever the last call returned.
+    """
+
+    hidden_size: int
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, past: Any = None
+    ) -> tuple[torch.Tensor, Any]: ...  # logits (B, T, V), new past
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor: ...  # (B, T, hidden_size): the trunk's output before the LM head
 
 
 @dataclass(frozen=True)
@@ -91,11 +113,27 @@ class CausalLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(_init_weights)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.d_model
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, over past + current
         past: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        x, present = self._trunk(input_ids, attention_mask, past)
+        return self.head(x), present  # logits (B, T, V)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T, d_model) final-layer-norm output: what value and reward heads read."""
+        return self._trunk(input_ids, attention_mask, None)[0]
+
+    def _trunk(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: KVCache | None
     ) -> tuple[torch.Tensor, KVCache]:
         B, T = input_ids.shape
         past_len = 0 if past is None else past[0][0].shape[2]
@@ -114,7 +152,7 @@ class CausalLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, bias, None if past is None else past[i])
             present.append(kv)
-        return self.head(self.ln_f(x)), present  # logits (B, T, V)
+        return self.ln_f(x), present  # (B, T, C)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

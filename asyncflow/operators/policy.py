@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from asyncflow.operators.model import CausalLM, ModelConfig, load_model
+
+
+class ModelBuilder(Protocol):
+    """A light, picklable description of a model, built on the worker: `ModelSpec` (native),
+    `hf.HFModelSpec` (transformers), `heads.HeadSpec` (critic / reward model)."""
+
+    def build(self, seed: int = 0) -> nn.Module: ...  # a CausalLMLike, or a head model
 
 
 @dataclass(frozen=True)

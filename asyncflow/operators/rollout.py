@@ -9,56 +9,63 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from asyncflow.operators.base import OperatorContext, WeightedOperator, Weights
+from asyncflow.operators.checks import require_nonempty
 from asyncflow.operators.generation import SamplingParams, generate
-from asyncflow.operators.policy import ModelSpec
+from asyncflow.operators.policy import ModelBuilder
 from asyncflow.operators.tensors import sequences_to_list
+from asyncflow.operators.training import ModelOperator
 
 
-class Generate(WeightedOperator):
+class Generate(ModelOperator):
     """Rollout operator. Each row records the policy version that sampled it.
 
     Sampling is seeded from (run seed, first sample id of the micro-batch), so the
-    same rows with the same weights reproduce the same tokens on CPU.
+    same rows with the same weights reproduce the same tokens on CPU. One response
+    per row: the prompt source expands each prompt into its group (so `sampling.n`
+    must be 1 here). `entropy_column` adds the per-token entropy of the sampling
+    distribution as a `list<float32>` column.
     """
 
     reads: ClassVar = {"prompt_ids": "list<int32>"}
-    writes: ClassVar = {
-        "response_ids": "list<int32>",
-        "rollout_logprob": "list<float32>",
-        "policy_version": "int64",
-    }
 
-    def __init__(self, model: ModelSpec, sampling: SamplingParams):
+    def __init__(
+        self, model: ModelBuilder, sampling: SamplingParams, *, entropy_column: str | None = None
+    ):
+        if sampling.n != 1:
+            raise ValueError(
+                f"Generate writes one response per row; got sampling.n={sampling.n}. "
+                "Expand prompts into groups in the source instead (one row per sample)."
+            )
         self.model_spec = model
         self.sampling = sampling
-
-    def setup(self, ctx: OperatorContext) -> None:
-        self.ctx = ctx
-        self.model = self.model_spec.build(seed=ctx.seed)
-        self.version = 0
+        self.entropy_column = entropy_column
+        self.writes = {
+            "response_ids": "list<int32>",
+            "rollout_logprob": "list<float32>",
+            "policy_version": "int64",
+        }
+        if entropy_column is not None:
+            self.writes[entropy_column] = "list<float32>"
 
     def __call__(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        require_nonempty(self.operator_name, batch, "prompt_ids", "there is nothing to continue")
         prompts = batch.column("prompt_ids").to_pylist()
         generator = torch.Generator().manual_seed(self._seed_for(batch))
-        out = generate(self.model, prompts, self.sampling, generator)
-        return {
+        want_entropy = self.entropy_column is not None
+        out = generate(self.model, prompts, self.sampling, generator, return_entropy=want_entropy)
+        result = {
             "response_ids": sequences_to_list(out.responses, pa.int32()),
             "rollout_logprob": sequences_to_list(out.logprobs, pa.float32()),
             "policy_version": pa.array(np.full(len(prompts), self.version), pa.int64()),
         }
+        if out.entropies is not None:
+            result[self.entropy_column] = sequences_to_list(out.entropies, pa.float32())
+        return result
 
     def _seed_for(self, batch: pa.RecordBatch) -> int:
         first = batch.column("sample_id")[0].as_py() if "sample_id" in batch.schema.names else 0
         digest = hashlib.blake2b(f"{self.ctx.seed}:{first}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
-
-    def get_weights(self) -> tuple[int, Weights]:
-        return self.version, {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    def set_weights(self, version: int, weights: Weights) -> None:
-        self.model.load_state_dict(weights)
-        self.version = version
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy decoding for evaluation, with whatever weights this replica holds."""

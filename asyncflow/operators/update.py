@@ -1,58 +1,82 @@
-"""PolicyUpdate: the actor's training step, fed micro-batch by micro-batch."""
+"""Trainers fed micro-batch by micro-batch: PolicyUpdate (the actor) and CriticUpdate.
+
+Both follow `training.AccumulatingTrainer`: each micro-batch back-propagates its
+loss numerator, `end_step` divides by the step's denominator and steps AdamW.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import pyarrow as pa
 import torch
 
-from asyncflow.operators.base import OperatorContext, WeightedOperator, Weights
+from asyncflow.operators.checks import require_finite, require_same_lengths
 from asyncflow.operators.generation import response_logprobs
+from asyncflow.operators.heads import HeadSpec
 from asyncflow.operators.losses import (
-    LOSS_AGG_MODES,
+    IS_MODES,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
     aggregate_terms,
+    check_agg_mode,
     kl_estimate,
-    ppo_clip_token_loss,
+    value_clip_token_loss,
 )
-from asyncflow.operators.policy import ModelSpec
+from asyncflow.operators.policy import ModelBuilder
 from asyncflow.operators.tensors import list_to_padded
+from asyncflow.operators.training import DEFAULT_OPTIM, AccumulatingTrainer, OptimConfig
+
+__all__ = ["CriticUpdate", "OptimConfig", "PolicyUpdate"]
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-4  # AdamW learning rate
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+class PolicyUpdate(AccumulatingTrainer):
+    """Clipped policy-gradient update, with optional KL penalty to a frozen reference,
+    entropy bonus, dual-clip, and decoupled PPO for stale samples.
 
-
-class PolicyUpdate(WeightedOperator):
-    """Clipped policy-gradient update with an optional KL penalty to a frozen reference.
-
-    Each micro-batch adds the gradient of its loss *numerator*; `end_step` divides
-    by the step's total denominator (tokens or rows, per `loss_agg_mode`) before the
-    optimizer step. So streaming micro-batches of any size and token count gives
-    exactly the update of one big batch, and no global batch size is needed up front.
+    The policy loss comes from `losses.POLICY_LOSSES[policy_loss]`, whose recorded
+    inputs decide the columns read: "ppo" reads `rollout_logprob` as the old policy;
+    "decoupled_ppo" clips against `prox_logprob` (recomputed by a `LogProb` with the
+    trainer's weights) and weights the loss by min(pi_prox / pi_behav, is_cap), with
+    `rollout_logprob` as the behaviour policy. Advantages are one float per sample
+    (`advantage`) or, with `token_advantages=True`, one per response token
+    (`advantages`, e.g. from `GAEAdvantage`).
     """
 
     writes: ClassVar = {}
+    metric_prefix: ClassVar[str] = "actor"
+    loss_metric: ClassVar[str] = "pg_loss"
 
     def __init__(
         self,
-        model: ModelSpec,
+        model: ModelBuilder,
         *,
-        optim: OptimConfig = OptimConfig(),
+        optim: OptimConfig = DEFAULT_OPTIM,
         clip_eps: float = 0.2,
         loss_agg_mode: str = "token-mean",
         loss_norm_len: int | None = None,
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
         ref_column: str = "ref_logprob",
+        clip_eps_high: float | None = None,  # DAPO clip-higher; None = clip_eps
+        clip_ratio_c: float | None = None,  # dual-clip bound for A < 0, e.g. 3.0; None = off
+        entropy_coef: float = 0.0,  # > 0 subtracts entropy_coef * entropy from the loss
+        policy_loss: str = "ppo",  # a key of losses.POLICY_LOSSES
+        is_cap: float = 2.0,  # decoupled_ppo: cap of the behaviour importance weight
+        is_mode: str = "truncate",  # decoupled_ppo: "truncate" (min) or "mask" (AReaL)
+        prox_column: str = "prox_logprob",
+        token_advantages: bool = False,
+        temperature: float = 1.0,  # the sampling temperature the log-probs are taken at
     ):
-        if loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; one of {LOSS_AGG_MODES}")
+        check_agg_mode(loss_agg_mode)
+        if policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy_loss {policy_loss!r}; one of {list(POLICY_LOSSES)}")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown kl_estimator {kl_estimator!r}; one of {list(KL_ESTIMATORS)}")
+        if is_mode not in IS_MODES:
+            raise ValueError(f"unknown is_mode {is_mode!r}; one of {IS_MODES}")
+        if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+            raise ValueError(f"dual-clip needs clip_ratio_c > 1, got {clip_ratio_c}")
         self.model_spec = model
         self.optim = optim
         self.clip_eps = clip_eps
@@ -61,86 +85,124 @@ class PolicyUpdate(WeightedOperator):
         self.kl_coef = kl_coef
         self.kl_estimator = kl_estimator
         self.ref_column = ref_column
+        self.entropy_coef = entropy_coef
+        self.policy_loss = policy_loss
+        self.token_advantages = token_advantages
+        self.temperature = temperature
+        spec = POLICY_LOSSES[policy_loss]
+        options = {
+            "clip_eps": clip_eps,
+            "clip_eps_high": clip_eps_high,
+            "clip_ratio_c": clip_ratio_c,
+            "is_cap": is_cap,
+            "is_mode": is_mode,
+        }
+        self.loss_options = {k: options[k] for k in spec.options}
+        # loss input -> column; the behaviour/old policy is always the rollout's log-probs
+        columns = {"old_logprob": "rollout_logprob", "behav_logprob": "rollout_logprob"}
+        self.loss_columns = {name: columns.get(name, prox_column) for name in spec.inputs}
+        self.advantage_column = "advantages" if token_advantages else "advantage"
         self.reads = {
             "prompt_ids": "list<int32>",
             "response_ids": "list<int32>",
             "rollout_logprob": "list<float32>",
-            "advantage": "float32",
+            **{column: "list<float32>" for column in self.loss_columns.values()},
+            self.advantage_column: "list<float32>" if token_advantages else "float32",
         }
         if kl_coef > 0:
             self.reads[ref_column] = "list<float32>"
 
-    def setup(self, ctx: OperatorContext) -> None:
-        self.ctx = ctx
-        self.model = self.model_spec.build(seed=ctx.seed)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=self.optim.lr,
-            weight_decay=self.optim.weight_decay,
-            betas=self.optim.betas,
-        )
-        self.version = 0
-        self._reset_step()
-
-    def _reset_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._rows = 0
-        self._tokens = 0.0
-        self._denominator = 0.0
-        self._sums: dict[str, float] = {}  # metric -> sum over tokens (or loss numerators)
-
     def __call__(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        per_token = [c for c, t in self.reads.items() if t == "list<float32>"]
+        require_same_lengths(self.operator_name, batch, "response_ids", per_token)
+        require_finite(self.operator_name, batch, [*per_token, self.advantage_column])
         self.model.train()
         prompt, prompt_mask = list_to_padded(batch.column("prompt_ids"), dtype=torch.long)
         resp, mask = list_to_padded(batch.column("response_ids"), dtype=torch.long)
-        old, _ = list_to_padded(batch.column("rollout_logprob"), dtype=torch.float32)
-        adv = torch.tensor(batch.column("advantage").to_numpy(zero_copy_only=False))
+        column = batch.column(self.advantage_column)
+        if self.token_advantages:
+            adv, _ = list_to_padded(column, dtype=torch.float32)
+        else:
+            adv = torch.tensor(column.to_numpy(zero_copy_only=False), dtype=torch.float32)
+        inputs = {
+            name: list_to_padded(batch.column(col), dtype=torch.float32)[0]
+            for name, col in self.loss_columns.items()
+        }
 
-        logp = response_logprobs(self.model, prompt, prompt_mask, resp, mask)  # (B, R)
-        token_loss, stats = ppo_clip_token_loss(logp, old, adv, self.clip_eps)
+        want_entropy = self.entropy_coef > 0
+        out = response_logprobs(
+            self.model,
+            prompt,
+            prompt_mask,
+            resp,
+            mask,
+            self.temperature,
+            return_entropy=want_entropy,
+        )
+        logp, entropy = out if want_entropy else (out, None)  # (B, R)
+        spec = POLICY_LOSSES[self.policy_loss]
+        token_loss, stats = spec.fn(logprob=logp, advantages=adv, **inputs, **self.loss_options)
         pg_num, den = aggregate_terms(token_loss, mask, self.loss_agg_mode, self.loss_norm_len)
         numerator = pg_num
-        m = mask.to(torch.float32)
-        sums = {key: float((value * m).sum()) for key, value in stats.items()}
-        sums["actor/pg_loss"] = float(pg_num.detach())
         if self.kl_coef > 0:
             ref, _ = list_to_padded(batch.column(self.ref_column), dtype=torch.float32)
             kl = kl_estimate(logp, ref, self.kl_estimator)  # (B, R)
             kl_num, _ = aggregate_terms(kl, mask, self.loss_agg_mode, self.loss_norm_len)
             numerator = numerator + self.kl_coef * kl_num
-            sums["actor/kl"] = float((kl.detach() * m).sum())
-        numerator.backward()
-
-        self._rows += batch.num_rows
-        self._tokens += float(m.sum())
-        self._denominator += den
-        for key, value in sums.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
+            stats["actor/kl"] = kl
+        if entropy is not None:
+            ent_num, _ = aggregate_terms(entropy, mask, self.loss_agg_mode, self.loss_norm_len)
+            numerator = numerator - self.entropy_coef * ent_num
+            stats["actor/entropy"] = entropy
+        self._accumulate(numerator, den, pg_num, rows=batch.num_rows, mask=mask, token_stats=stats)
         return {}
 
-    def end_step(self, step: int) -> dict[str, float]:
-        if self._rows == 0:
-            return {}
-        scale = 1.0 / max(self._denominator, 1.0)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.version += 1
-        tokens = max(self._tokens, 1.0)
-        metrics = {key: total / tokens for key, total in self._sums.items()}
-        metrics["actor/pg_loss"] = self._sums["actor/pg_loss"] * scale
-        metrics["actor/grad_norm"] = float(grad_norm)
-        metrics["actor/rows"] = float(self._rows)
-        metrics["actor/tokens"] = self._tokens
-        self._reset_step()
-        return metrics
 
-    def get_weights(self) -> tuple[int, Weights]:
-        return self.version, {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+class CriticUpdate(AccumulatingTrainer):
+    """Fits the critic V(s_t) to `returns` with PPO's clipped value loss.
 
-    def set_weights(self, version: int, weights: Weights) -> None:
-        self.model.load_state_dict(weights)
-        self.version = version
+    Reads the values the rollout was scored with (`values`, from `Values`) as V_old
+    and the targets `returns` (from `GAEAdvantage`); sync its weights to `Values`.
+    """
+
+    writes: ClassVar = {}
+    reads: ClassVar = {
+        "prompt_ids": "list<int32>",
+        "response_ids": "list<int32>",
+        "values": "list<float32>",
+        "returns": "list<float32>",
+    }
+    metric_prefix: ClassVar[str] = "critic"
+    loss_metric: ClassVar[str] = "vf_loss"
+
+    def __init__(
+        self,
+        critic: HeadSpec,
+        *,
+        optim: OptimConfig = DEFAULT_OPTIM,
+        value_clip: float | None = 0.2,  # None = unclipped (V - R)^2 / 2
+        loss_agg_mode: str = "token-mean",
+        loss_norm_len: int | None = None,
+    ):
+        check_agg_mode(loss_agg_mode)
+        if critic.kind != "value":
+            raise ValueError(f"CriticUpdate needs a value head, got kind={critic.kind!r}")
+        self.model_spec = critic
+        self.optim = optim
+        self.value_clip = value_clip
+        self.loss_agg_mode = loss_agg_mode
+        self.loss_norm_len = loss_norm_len
+
+    def __call__(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        require_same_lengths(self.operator_name, batch, "response_ids", ["values", "returns"])
+        require_finite(self.operator_name, batch, ["values", "returns"])
+        self.model.train()
+        prompt, prompt_mask = list_to_padded(batch.column("prompt_ids"), dtype=torch.long)
+        resp, mask = list_to_padded(batch.column("response_ids"), dtype=torch.long)
+        old_values, _ = list_to_padded(batch.column("values"), dtype=torch.float32)
+        returns, _ = list_to_padded(batch.column("returns"), dtype=torch.float32)
+        values = self.model(prompt, prompt_mask, resp, mask)  # (B, R)
+        token_loss, stats = value_clip_token_loss(values, old_values, returns, self.value_clip)
+        num, den = aggregate_terms(token_loss, mask, self.loss_agg_mode, self.loss_norm_len)
+        self._accumulate(num, den, num, rows=batch.num_rows, mask=mask, token_stats=stats)
+        return {}

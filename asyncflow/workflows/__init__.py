@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,23 @@ class WorkflowEntry:
 def registry() -> dict[str, WorkflowEntry]:
     from asyncflow.workflows import grpo
 
-    return {
-        "grpo": WorkflowEntry(
-            grpo.GRPOConfig, grpo.build, grpo.recipe, "GRPO on synthetic a+b arithmetic"
-        ),
-    }
+    def variant(advantage: str) -> type:
+        """The GRPO recipe with another per-sample advantage estimator as its default."""
+        return dataclasses.make_dataclass(
+            f"{advantage.upper()}Config",
+            [("advantage", str, dataclasses.field(default=advantage))],
+            bases=(grpo.GRPOConfig,),
+            frozen=True,
+        )
+
+    entries = {"grpo": WorkflowEntry(grpo.GRPOConfig, grpo.build, grpo.recipe, "GRPO")}
+    for name, summary in (
+        ("drgrpo", "Dr.GRPO (group mean baseline, no std)"),
+        ("rloo", "RLOO (leave-one-out baseline)"),
+        ("reinforce_pp", "REINFORCE++ (batch-whitened advantages)"),
+    ):
+        entries[name] = WorkflowEntry(variant(name), grpo.build, grpo.recipe, summary)
+    return entries
 
 
 def lookup(name: str) -> WorkflowEntry:

@@ -42,6 +42,7 @@ class GRPOConfig:
     lr: float = 3e-4
     clip_eps: float = 0.2
     kl_coef: float = 0.0  # > 0 adds a frozen reference and a k3 KL penalty
+    advantage: str = "grpo"  # per-sample estimator: grpo | drgrpo | rloo | reinforce_pp
     seed: int = 0
     task: ArithmeticTask = field(default_factory=ArithmeticTask)
     model: ModelConfig = field(
@@ -62,13 +63,14 @@ def build(cfg: GRPOConfig, init_path: str | None = None) -> Workflow:
     tok = cfg.task.tokenizer
     sampling = SamplingParams(cfg.task.max_answer_tokens, cfg.temperature, tok.eos_id, tok.pad_id)
 
-    wf = Workflow("grpo", description="GRPO on a-plus-b arithmetic with a verifiable reward")
+    name = "grpo" if cfg.advantage == "grpo" else cfg.advantage
+    wf = Workflow(name, description=f"{cfg.advantage} advantages on a-plus-b arithmetic")
     wf.add("prompts", ArithmeticPrompts(cfg.task, cfg.group_size, cfg.seed))
     wf.add("rollout", Generate(policy, sampling), replicas=cfg.rollout_replicas)
     if cfg.kl_coef > 0:
         wf.add("ref", LogProb(policy, output="ref_logprob"))
     wf.add("reward", Reward({"correct": correct_sum}, tok, extra_columns={"answer": "string"}))
-    wf.add("advantage", GroupAdvantage())
+    wf.add("advantage", GroupAdvantage(estimator=cfg.advantage))
     wf.add(
         "actor",
         PolicyUpdate(

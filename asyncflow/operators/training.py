@@ -1,0 +1,162 @@
+"""What every model-holding operator shares: building the model, publishing weights, and
+the trainers' exact micro-batch accumulation with an optimizer and an LR schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+
+from asyncflow.operators.base import OperatorContext, WeightedOperator, Weights
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4  # AdamW learning rate (the peak, under a schedule)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: str = "constant"  # "constant" or "cosine" (after the warmup)
+    warmup_steps: int = 0  # linear warmup over this many optimizer steps
+    total_steps: int | None = None  # where cosine reaches min_lr_ratio; needed for "cosine"
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+
+    def __post_init__(self) -> None:
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown LR schedule {self.schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.schedule == "cosine" and not self.total_steps:
+            raise ValueError("the cosine LR schedule needs total_steps (optimizer steps)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+DEFAULT_OPTIM = OptimConfig()
+
+
+def lr_factor(cfg: OptimConfig, step: int) -> float:
+    """Multiplier of `cfg.lr` at optimizer step `step` (0-based).
+
+    warmup (step < W): (step + 1) / W, so the first step already moves;
+    constant: 1 afterwards; cosine: m + (1 - m) * (1 + cos(pi * p)) / 2 with
+    p = (step - W) / (total_steps - W) clamped to [0, 1] and m = min_lr_ratio.
+    """
+    W = cfg.warmup_steps
+    if step < W:
+        return (step + 1) / W
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(cfg.total_steps - W, 1)
+    progress = min(max((step - W) / span, 0.0), 1.0)
+    m = cfg.min_lr_ratio
+    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ModelOperator(WeightedOperator):
+    """Holds one model built from a spec (`build(seed)`) on the worker; publishes and
+    loads its weights. Subclasses set `self.model_spec` in __init__."""
+
+    model_spec: Any
+    trains: ClassVar[bool] = False  # trainers keep the model in train mode
+
+    def setup(self, ctx: OperatorContext) -> None:
+        self.ctx = ctx
+        self.model = self.model_spec.build(seed=ctx.seed)
+        self.model.train(self.trains)
+        self.version = 0
+
+    def get_weights(self) -> tuple[int, Weights]:
+        return self.version, {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, version: int, weights: Weights) -> None:
+        self.model.load_state_dict(weights)
+        self.version = version
+
+
+class AccumulatingTrainer(ModelOperator):
+    """Micro-batch training whose update equals the one-big-batch update.
+
+    `__call__` computes a loss *numerator* and its denominator (tokens or rows, from
+    `losses.aggregate_terms`) and hands them to `_accumulate`, which back-propagates
+    the numerator. `end_step` divides the summed gradients by the step's summed
+    denominator, clips, steps AdamW and the LR schedule. So streaming micro-batches
+    of any size or token count gives exactly the update of one batch, and no global
+    batch size is needed up front.
+    """
+
+    trains: ClassVar[bool] = True
+    metric_prefix: ClassVar[str] = "train"
+    loss_metric: ClassVar[str] = "loss"  # the reported loss: sum of numerators / denominator
+    optim: OptimConfig
+
+    def setup(self, ctx: OperatorContext) -> None:
+        super().setup(ctx)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+            betas=self.optim.betas,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, self.optim)
+        )
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._rows = 0
+        self._tokens = 0.0
+        self._denominator = 0.0
+        self._loss_sum = 0.0
+        self._token_sums: dict[str, float] = {}  # metric -> sum over real tokens
+
+    def _accumulate(
+        self,
+        numerator: torch.Tensor,
+        denominator: float,
+        reported_loss: torch.Tensor,
+        *,
+        rows: int,
+        mask: torch.Tensor,
+        token_stats: dict[str, torch.Tensor],
+    ) -> None:
+        """Back-propagate `numerator`; sum `reported_loss` (a numerator over the same
+        denominator) and the per-token `token_stats` (B, T) over real tokens."""
+        numerator.backward()
+        m = mask.to(torch.float32)
+        self._rows += rows
+        self._tokens += float(m.sum())
+        self._denominator += denominator
+        self._loss_sum += float(reported_loss.detach())
+        for key, value in token_stats.items():
+            total = float((value.detach().float() * m).sum())
+            self._token_sums[key] = self._token_sums.get(key, 0.0) + total
+
+    def end_step(self, step: int) -> dict[str, float]:
+        if self._rows == 0:
+            return {}
+        scale = 1.0 / max(self._denominator, 1.0)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.version += 1
+        prefix = self.metric_prefix
+        tokens = max(self._tokens, 1.0)
+        metrics = {key: total / tokens for key, total in self._token_sums.items()}
+        metrics[f"{prefix}/{self.loss_metric}"] = self._loss_sum * scale
+        metrics[f"{prefix}/grad_norm"] = float(grad_norm)
+        metrics[f"{prefix}/lr"] = float(lr)
+        metrics[f"{prefix}/rows"] = float(self._rows)
+        metrics[f"{prefix}/tokens"] = self._tokens
+        self._reset_step()
+        return metrics
