@@ -41,6 +41,16 @@ class ChunkStore:
             return batch.slice(int(offsets[0]), len(offsets))
         return batch.take(pa.array(offsets, pa.int64()))
 
+    def is_whole(self, queue: str, chunk_id: int, offsets: np.ndarray) -> bool:
+        """Do these offsets cover the whole chunk in order (so it can ship as is)?"""
+        with self._lock:
+            batch = self._chunks.get((queue, chunk_id))
+        return (
+            batch is not None
+            and len(offsets) == batch.num_rows
+            and (len(offsets) == 0 or (_is_range(offsets) and offsets[0] == 0))
+        )
+
     def drop(self, queue: str, chunk_ids: Sequence[int]) -> int:
         """Forget chunks; returns the bytes freed."""
         freed = 0

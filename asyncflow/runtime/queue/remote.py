@@ -58,13 +58,33 @@ def _fetch(queue: str, requests: list[list[dict]]) -> list[dict]:
 
 
 def _take(queue: str, piece: dict):
-    return to_serialize(
-        STORE.take(queue, piece["chunk_id"], unpack(piece["offsets"]), piece["columns"])
-    )
+    offsets = unpack(piece["offsets"])
+    batch = STORE.take(queue, piece["chunk_id"], offsets, piece["columns"])
+    if STORE.is_whole(queue, piece["chunk_id"], offsets):
+        return to_serialize(OutOfBand(batch))
+    return to_serialize(batch)  # a part: Arrow IPC writes just the slice's bytes
 
 
-def _store(queue: str, chunk_id: int, batch: pa.RecordBatch) -> None:
-    STORE.put(queue, chunk_id, batch)
+class OutOfBand:
+    """Ships a whole RecordBatch by pickle protocol 5, buffers out of band: no copy.
+
+    Dask's own Arrow serializer writes an IPC stream into a growing buffer first, a
+    copy slower than loopback TCP. A wrapper with no Dask serializer goes the pickle
+    route, where Arrow hands its buffers over by reference. Only for whole chunks:
+    a slice would ship its parent's full buffers.
+    """
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.batch = batch
+
+    def __reduce__(self):
+        return (OutOfBand, (self.batch,))
+
+
+def _store(queue: str, chunk_id: int, batch) -> None:
+    STORE.put(queue, chunk_id, batch.batch if isinstance(batch, OutOfBand) else batch)
 
 
 def _drop(queue: str, chunk_ids: list[int]) -> int:
@@ -191,7 +211,7 @@ class DistributedTransferQueue:
             return chunk_id, local
         address = await self._next_worker()
         await self.client.rpc(address).tq_store(
-            queue=self.name, chunk_id=chunk_id, batch=to_serialize(batch)
+            queue=self.name, chunk_id=chunk_id, batch=to_serialize(OutOfBand(batch))
         )
         return chunk_id, address
 
@@ -311,7 +331,8 @@ class DistributedTransferQueue:
                 return await self.client.rpc(address).tq_fetch(queue=self.name, requests=requests)
 
             try:
-                return await _coalescer((address, self.name), send).call(pieces)
+                shipped = await _coalescer((address, self.name), send).call(pieces)
+                return [item.batch if isinstance(item, OutOfBand) else item for item in shipped]
             except OSError as exc:
                 raise QueueError(
                     f"queue {self.name!r}: the worker {address} holding these rows is "
