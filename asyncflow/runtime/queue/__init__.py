@@ -1,6 +1,6 @@
 """The TransferQueue: Arrow rows in, leased micro-batches out, columns added in between."""
 
 from asyncflow.runtime.queue import samplers
-from asyncflow.runtime.queue.transfer_queue import Lease, TransferQueue
+from asyncflow.runtime.queue.transfer_queue import Lease, QueueFull, TransferQueue
 
-__all__ = ["Lease", "TransferQueue", "samplers"]
+__all__ = ["Lease", "QueueFull", "TransferQueue", "samplers"]

@@ -6,13 +6,24 @@ ready. A reader can therefore never see a column whose data is not there, and a 
 write leaves nothing behind. One lock serialises the facade, because the executor calls it
 from several threads; Arrow arrays are immutable, so building a lease's batch happens
 outside it.
+
+Every decision (who gets which rows, when a lease is void, when a row is dead weight) is
+the controller's; what the facade adds is *waiting*. A reader blocked on `get(timeout=...)`
+or a source blocked on a full queue sleeps on one `threading.Condition` that every change
+notifies, so it wakes when its answer may have changed instead of polling, and releases the
+lock while it sleeps, so waiters never hold each other up. Lease deadlines are swept lazily
+at the start of every call (and when a waiter's next deadline comes due): an expired lease
+needs no timer thread, only the next visit.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +31,8 @@ import pyarrow.compute as pc
 
 from asyncflow.errors import QueueError
 from asyncflow.runtime.queue import samplers
-from asyncflow.runtime.queue.controller import Controller, RowMeta, format_ids
-from asyncflow.runtime.queue.samplers import Candidates, Sampler
+from asyncflow.runtime.queue.controller import Controller, LeaseMeta, RowMeta, format_ids
+from asyncflow.runtime.queue.samplers import Sampler
 from asyncflow.runtime.queue.storage import Storage
 
 SAMPLE_ID = "sample_id"
@@ -29,19 +40,94 @@ GROUP_ID = "group_id"
 POLICY_VERSION = "policy_version"
 DEFAULT_LENGTH_COLUMNS = ("prompt_ids", "response_ids")
 
+T = TypeVar("T")
+
+
+class QueueFull(QueueError):
+    """A source waited longer than its timeout for room: the consumers are falling behind.
+
+    Kept apart from other QueueErrors because it is about load, not bad input: the caller
+    may retry, slow down or grow the queue. Carries its numbers for that decision.
+    """
+
+    def __init__(self, message: str, capacity_rows: int, live_rows: int, requested: int):
+        self.capacity_rows = capacity_rows
+        self.live_rows = live_rows
+        self.requested = requested
+        super().__init__(message)
+
+    def __reduce__(self):  # errors cross process boundaries (Dask): rebuild from our fields
+        return (type(self), (str(self), self.capacity_rows, self.live_rows, self.requested))
+
 
 @dataclass(frozen=True, eq=False)
 class Lease:
-    """A micro-batch handed to one task; ack it once its outputs are stored, else release."""
+    """A micro-batch handed to one task; ack it once its outputs are stored, else release.
+
+    A lease with a `deadline` (the queue's clock, monotonic seconds) that is neither acked
+    nor released by then is expired: its rows go to the next reader and a late ack fails.
+    """
 
     lease_id: int
     task: str
     partition: Hashable
     sample_ids: np.ndarray  # int64[k], row order of `batch`
     batch: pa.RecordBatch  # `sample_id` then the requested columns
+    owner: str | None = None
+    deadline: float | None = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+
+class _EvictingStorage(Storage):
+    """Storage that forgets single rows, freeing a written chunk once none of its rows is left.
+
+    Eviction is per row but memory is per chunk (one write), so each chunk counts its live
+    rows; the chunk is let go when that reaches zero. Leases already handed out keep their
+    slices alive, as Arrow buffers are reference counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # partition -> live rows per chunk, aligned with that partition's chunk list
+        self._live_in_chunk: dict[Hashable, list[int]] = {}
+
+    def store(self, partition: Hashable, sample_ids: np.ndarray, batch: pa.RecordBatch) -> None:
+        part = self._partitions[partition]
+        before = len(part.chunks)
+        super().store(partition, sample_ids, batch)
+        if len(part.chunks) > before:
+            self._live_in_chunk.setdefault(partition, []).append(batch.num_rows)
+
+    def drop_rows(self, partition: Hashable, sample_ids: np.ndarray) -> None:
+        """Forget these rows' data; later reads of them are the controller's to refuse."""
+        part = self._partitions.get(partition)
+        if part is None or len(sample_ids) == 0:
+            return
+        positions = part.positions(sample_ids)
+        held = [np.empty((0, 2), dtype=np.int64)]  # (position, chunk) pairs still referenced
+        for index in part.columns.values():
+            chunk = index.chunk[positions]
+            stored = chunk >= 0
+            held.append(np.stack([positions[stored], chunk[stored].astype(np.int64)], axis=1))
+            index.chunk[positions] = -1
+        pairs = np.unique(np.concatenate(held), axis=0)  # a row counts once per chunk
+        chunks, rows = np.unique(pairs[:, 1], return_counts=True)
+        live = self._live_in_chunk[partition]
+        for number, count in zip(chunks.tolist(), rows.tolist(), strict=True):
+            live[number] -= count
+            if live[number] == 0:
+                part.nbytes -= part.chunks[number].nbytes
+                part.chunks[number] = None  # type: ignore[call-overload]
+
+    def drop(self, partition: Hashable) -> None:
+        super().drop(partition)
+        self._live_in_chunk.pop(partition, None)
+
+    def chunks_held(self, partition: Hashable) -> int:
+        """Chunks of the partition still in memory (for tests and stats)."""
+        return sum(1 for live in self._live_in_chunk.get(partition, ()) if live > 0)
 
 
 class TransferQueue:
@@ -49,24 +135,53 @@ class TransferQueue:
 
     `length_columns` are the list columns whose lengths add up to a row's token count,
     which samplers see as `Candidates.lengths` (e.g. for token-balanced batches).
+
+    `capacity_rows` bounds the live rows over all partitions: `add_rows` waits for room, so
+    a fast source cannot run ahead of its consumers without bound. Room is made by
+    eviction: with `consumers` (or `declare_consumers` per partition) a row is dropped once
+    every one of those tasks acked it; without them rows stay until `clear`.
+
+    `clock` gives lease deadlines (monotonic seconds); tests pass a fake one to expire
+    leases without sleeping. Waiting itself always uses real time.
     """
 
-    def __init__(self, length_columns: Sequence[str] = DEFAULT_LENGTH_COLUMNS) -> None:
-        self._controller = Controller()
-        self._storage = Storage()
+    def __init__(
+        self,
+        length_columns: Sequence[str] = DEFAULT_LENGTH_COLUMNS,
+        *,
+        capacity_rows: int | None = None,
+        consumers: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._controller = Controller(capacity_rows=capacity_rows, consumers=consumers)
+        self._storage = _EvictingStorage()
         self._length_columns = tuple(length_columns)
+        self._clock = clock
         self._lock = threading.Lock()
+        # notified on every change that could let a waiter proceed
+        self._changed = threading.Condition(self._lock)
 
     # ---- writes -----------------------------------------------------------------------
 
-    def add_rows(self, partition: Hashable, batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+    def add_rows(
+        self,
+        partition: Hashable,
+        batch: pa.RecordBatch | pa.Table,
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """Append new rows (creating the partition if needed); return their new sample ids.
 
         Ids come from one global counter so they are unique across partitions and a
         partition's rows are always in id order. An empty batch still creates the partition
         and declares its columns' types.
+
+        With a capacity, waits while the new rows would not fit (None = as long as it
+        takes, 0 = not at all) and raises QueueFull when `timeout` passes. A batch larger
+        than the capacity, or rows for a sealed partition, are refused at once.
         """
         context = f"add_rows to partition {partition!r}"
+        _check_wait(context, "timeout", timeout)
         batch = _as_batch(batch, context)
         if SAMPLE_ID in batch.schema.names:
             raise QueueError(
@@ -75,12 +190,30 @@ class TransferQueue:
             )
         types = _column_types(batch, context)
         meta = _row_meta(batch, self._length_columns, context)
-        with self._lock:
-            self._controller.check_types(partition, types)
-            ids = self._controller.new_sample_ids(batch.num_rows)
+        count = batch.num_rows
+
+        def fits() -> bool | None:
+            self._controller.check_add(partition, types, count)  # may change while waiting
+            return True if self._controller.room_for(count) else None
+
+        with self._changed:
+            self._sweep()
+            if self._wait_until(fits, timeout) is None:
+                cap = self._controller.capacity_rows
+                live = self._controller.live_rows()
+                raise QueueFull(
+                    f"{context}: queue full, {live} live rows + {count} new would exceed "
+                    f"capacity_rows {cap} (waited {timeout}s); rows are freed when every "
+                    "declared consumer has acked them, or by clear()",
+                    capacity_rows=cap or 0,
+                    live_rows=live,
+                    requested=count,
+                )
+            ids = self._controller.new_sample_ids(count)
             self._storage.add_rows(partition, ids)
             self._storage.store(partition, ids, batch)
             self._controller.commit_add(partition, ids, types, meta)
+            self._changed.notify_all()
         return ids.copy()
 
     def put(
@@ -107,10 +240,23 @@ class TransferQueue:
         batch = _without_echoed_ids(batch, ids, context)
         types = _column_types(batch, context)
         meta = _row_meta(batch, self._length_columns, context)
-        with self._lock:
+        with self._changed:
+            self._sweep()
             positions = self._controller.check_put(partition, ids, types)
             self._storage.store(partition, ids, batch)
             self._controller.commit_put(partition, positions, types, producer, meta)
+            self._changed.notify_all()
+
+    def seal(self, partition: Hashable) -> None:
+        """The source is done: no more rows for this partition (add_rows now fails).
+
+        Readers then stop waiting for a `min_rows` that can no longer be reached and take
+        the remainder; `is_drained` can become True.
+        """
+        with self._changed:
+            self._sweep()
+            self._controller.seal(partition)
+            self._changed.notify_all()
 
     # ---- consumption ------------------------------------------------------------------
 
@@ -122,43 +268,224 @@ class TransferQueue:
         *,
         batch_size: int | None = None,
         sampler: Sampler = samplers.sequential,
+        owner: str | None = None,
+        lease_timeout: float | None = None,
+        timeout: float | None = 0.0,
+        min_rows: int = 1,
+        max_staleness: int | None = None,
     ) -> Lease | None:
         """Lease up to `batch_size` rows ready for `columns` that `task` has not taken yet.
 
         Returns None when nothing (or nothing the sampler accepts, e.g. no complete group)
         is available. A column never written to the partition is simply not ready.
+
+        - `timeout`: 0 answers now; > 0 waits up to that many seconds for the sampler to
+          offer at least `min_rows` rows; None waits as long as it takes. Once the
+          partition is sealed and every row the task could still get is on offer, the
+          remainder is enough; once nothing can ever come (`exhausted`), None comes at once.
+        - `owner` / `lease_timeout`: who holds the lease (see `release_owner`) and how many
+          seconds it may stay out before its rows are handed out again.
+        - `max_staleness`: only rows whose `policy_version` is at least the current policy
+          version minus this are offered (rows without a version always are).
         """
-        cols = _requested_columns(columns, f"get for task {task!r}")
-        if not isinstance(task, str):
-            raise QueueError(f"get: task must be a str naming the consumer, got {task!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise QueueError(f"get for task {task!r}: batch_size must be >= 1, got {batch_size}")
-        with self._lock:
-            positions, cands = self._controller.candidates(task, cols, partition)
-            if len(cands) == 0:
+        context = f"get for task {task!r}"
+        cols = _requested_columns(columns, context)
+        _check_wait(context, "timeout", timeout)
+        _check_lease_timeout(context, lease_timeout)
+
+        def take() -> LeaseMeta | None:
+            return self._controller.take(
+                task,
+                cols,
+                partition,
+                batch_size=batch_size,
+                sampler=sampler,
+                min_rows=min_rows,
+                max_staleness=max_staleness,
+                owner=owner,
+                deadline=self._deadline(lease_timeout),
+            )
+
+        with self._changed:
+            self._sweep()
+            meta = self._wait_until(take, timeout, self._hopeless(task, partition, max_staleness))
+            if meta is None:
                 return None
-            chosen = _checked_choice(sampler, cands, batch_size)
-            if len(chosen) == 0:
-                return None
-            table = self._storage.read(partition, chosen, cols)
-            picked = positions[np.searchsorted(cands.sample_ids, chosen)]
-            lease_id = self._controller.lease(task, partition, picked, chosen)
+            table = self._storage.read(partition, meta.sample_ids, cols)
         try:
             batch = _to_batch(table)
         except BaseException:
-            self.release(lease_id)
+            self.release(meta.lease_id)
             raise
-        return Lease(lease_id, task, partition, chosen, batch)
+        return _lease(meta, batch)
+
+    def get_group(
+        self,
+        task: str,
+        columns: Sequence[str],
+        partition: Hashable,
+        *,
+        ranks: int,
+        batch_size: int | None = None,
+        sampler: Sampler = samplers.sequential,
+        balance: str | None = "karmarkar_karp",
+        same_view: bool = False,
+        owner: str | None = None,
+        lease_timeout: float | None = None,
+        timeout: float | None = 0.0,
+        min_rows: int = 1,
+        max_staleness: int | None = None,
+    ) -> list[Lease] | None:
+        """One sampler choice for a data-parallel group, as one lease per rank.
+
+        Data-parallel ranks step together, so the slowest rank sets the pace: the rows are
+        split between ranks with equal token sums (`balance`: "karmarkar_karp",
+        "longest_first", or None for contiguous runs of equal row counts), whole groups kept
+        together when the sampler keeps groups. It waits like `get` until every rank can get
+        at least one row (or group); once the partition is sealed and fewer remain it
+        returns fewer leases - never an empty one. `batch_size` and `min_rows` count the
+        rows of the whole group.
+
+        `same_view=True` instead gives all `ranks` leases the same rows (ranks that must see
+        one micro-batch, e.g. tensor-parallel peers): the rows are consumed once every one
+        of those leases is acked, and releasing any one gives them back and ends the rest.
+        """
+        context = f"get_group for task {task!r}"
+        cols = _requested_columns(columns, context)
+        _check_wait(context, "timeout", timeout)
+        _check_lease_timeout(context, lease_timeout)
+
+        def take() -> list[LeaseMeta] | None:
+            return self._controller.take_group(
+                task,
+                cols,
+                partition,
+                ranks=ranks,
+                batch_size=batch_size,
+                sampler=sampler,
+                balance=balance,
+                same_view=same_view,
+                min_rows=min_rows,
+                max_staleness=max_staleness,
+                owner=owner,
+                deadline=self._deadline(lease_timeout),
+            )
+
+        with self._changed:
+            self._sweep()
+            metas = self._wait_until(take, timeout, self._hopeless(task, partition, max_staleness))
+            if metas is None:
+                return None
+            if same_view:
+                tables = [self._storage.read(partition, metas[0].sample_ids, cols)]
+            else:
+                tables = [self._storage.read(partition, m.sample_ids, cols) for m in metas]
+        try:
+            batches = [_to_batch(table) for table in tables]
+        except BaseException:
+            self.release(metas[0].lease_id)  # ends its same-view siblings too
+            for meta in metas[1:] if not same_view else ():
+                self.release(meta.lease_id)
+            raise
+        if same_view:
+            batches = batches * len(metas)
+        return [_lease(meta, batch) for meta, batch in zip(metas, batches, strict=True)]
 
     def ack(self, lease: Lease | int) -> None:
-        """The lease's outputs are stored: its rows are consumed by its task for good."""
-        with self._lock:
+        """The lease's outputs are stored: its rows are consumed by its task for good.
+
+        Rows every declared consumer has now acked are evicted, freeing room.
+        """
+        with self._changed:
+            self._sweep()
             self._controller.ack(_lease_id(lease))
+            self._drop_evicted()
+            self._changed.notify_all()
 
     def release(self, lease: Lease | int) -> None:
         """The consumer failed: hand the lease's rows to its task again later."""
-        with self._lock:
+        with self._changed:
+            self._sweep()
             self._controller.release(_lease_id(lease))
+            self._changed.notify_all()
+
+    def release_owner(self, owner: str) -> list[int]:
+        """`owner` (e.g. a worker) is gone: hand back every lease it held; return their ids."""
+        if not isinstance(owner, str):
+            raise QueueError(f"release_owner: owner must be a str, got {owner!r}")
+        with self._changed:
+            self._sweep()
+            ended = self._controller.release_owner(owner)
+            if ended:
+                self._changed.notify_all()
+            return ended
+
+    def expire(self) -> list[int]:
+        """Sweep lease deadlines now; return the ids of leases that expired.
+
+        Every call sweeps anyway; this is for a caller that wants to know which.
+        """
+        with self._changed:
+            ended = self._controller.expire(self._clock())
+            if ended:
+                self._changed.notify_all()
+            return ended
+
+    def is_drained(self, task: str, columns: Sequence[str], partition: Hashable) -> bool:
+        """Sealed, and `task` consumed every row that is left: its work here is done."""
+        cols = _requested_columns(columns, f"is_drained for task {task!r}")
+        with self._changed:
+            self._sweep()
+            return self._controller.is_drained(task, cols, partition)
+
+    # ---- policy versions and staleness -------------------------------------------------
+
+    @property
+    def policy_version(self) -> int:
+        with self._changed:
+            return self._controller.policy_version
+
+    def set_policy_version(self, version: int) -> None:
+        """The trainer's weights are now at `version` (only ever forward)."""
+        with self._changed:
+            self._sweep()
+            self._controller.set_policy_version(version)
+            self._changed.notify_all()
+
+    def stale(self, partition: Hashable, max_staleness: int) -> np.ndarray:
+        """Ids of live rows more than `max_staleness` policy versions old, to drop or redo."""
+        with self._changed:
+            self._sweep()
+            return self._controller.stale(partition, max_staleness)
+
+    # ---- eviction ---------------------------------------------------------------------
+
+    def declare_consumers(self, partition: Hashable, tasks: Sequence[str]) -> None:
+        """Evict each row of `partition` once all of `tasks` acked it (creates the partition).
+
+        Overrides the queue-wide `consumers` for this partition.
+        """
+        with self._changed:
+            self._sweep()
+            self._controller.declare_consumers(partition, tasks)
+            self._drop_evicted()
+            self._changed.notify_all()
+
+    def evict(self, partition: Hashable, sample_ids: Sequence[int] | np.ndarray) -> None:
+        """Drop rows for every task now (e.g. the `stale` ones); none may be leased."""
+        context = f"evict from partition {partition!r}"
+        ids = _as_ids(sample_ids, context)
+        with self._changed:
+            self._sweep()
+            self._controller.evict(partition, ids)
+            self._drop_evicted()
+            self._changed.notify_all()
+
+    def live_rows(self) -> int:
+        """Rows held over all partitions, evicted ones not counted (what capacity bounds)."""
+        with self._changed:
+            self._sweep()
+            return self._controller.live_rows()
 
     # ---- reads ------------------------------------------------------------------------
 
@@ -170,56 +497,144 @@ class TransferQueue:
     ) -> pa.Table:
         """Read rows without consuming them (metrics, recording); `sample_id` first.
 
-        Without `sample_ids`: every row of the partition, in id order. Every requested
-        column must be ready for every requested row.
+        Without `sample_ids`: every live (not evicted) row of the partition, in id order.
+        Every requested column must be ready for every requested row.
         """
         context = f"gather from partition {partition!r}"
         cols = _requested_columns(columns, context)
         ids = None if sample_ids is None else _as_ids(sample_ids, context)
-        with self._lock:
+        with self._changed:
+            self._sweep()
             ids = self._controller.check_gather(partition, cols, ids)
             return self._storage.read(partition, ids, cols)
 
     def ready(self, partition: Hashable, columns: Sequence[str]) -> np.ndarray:
-        """Sample ids ready for all `columns`, in id order."""
+        """Live sample ids ready for all `columns`, in id order."""
         cols = _requested_columns(columns, f"ready in partition {partition!r}")
-        with self._lock:
+        with self._changed:
+            self._sweep()
             return self._controller.ready_ids(partition, cols)
 
     def pending(self, task: str, columns: Sequence[str], partition: Hashable) -> int:
         """How many rows `get` could hand `task` now (ignoring the sampler)."""
         cols = _requested_columns(columns, f"pending for task {task!r}")
-        with self._lock:
+        with self._changed:
+            self._sweep()
             return self._controller.pending(task, cols, partition)
 
     def partitions(self) -> list[Hashable]:
-        with self._lock:
+        with self._changed:
+            self._sweep()
             return self._controller.partitions()
 
     def num_rows(self, partition: Hashable) -> int:
-        with self._lock:
+        """Rows ever added to the partition, evicted ones included."""
+        with self._changed:
+            self._sweep()
             return self._controller.partition(partition).n
 
     def schema(self, partition: Hashable) -> pa.Schema:
         """Declared columns of the partition (not `sample_id`), in first-write order."""
-        with self._lock:
+        with self._changed:
+            self._sweep()
             types = self._controller.partition(partition).types
             return pa.schema([pa.field(name, typ) for name, typ in types.items()])
 
     def clear(self, partition: Hashable) -> None:
         """Drop the partition's data and metadata; its outstanding leases become invalid."""
-        with self._lock:
+        with self._changed:
+            self._sweep()
             self._controller.clear(partition)
             self._storage.drop(partition)
+            self._changed.notify_all()
 
     def stats(self) -> dict:
-        """Counters for dashboards: O(partitions x columns), never a scan over rows."""
-        with self._lock:
+        """Counters for dashboards: O(partitions x columns + leases), never a scan over rows."""
+        with self._changed:
+            self._sweep()
             stats = self._controller.stats()
             for name, part in stats["partitions"].items():
                 part["bytes"] = self._storage.nbytes(name)
             stats["bytes"] = self._storage.nbytes()
             return stats
+
+    # ---- waiting (caller holds the lock) -------------------------------------------------
+
+    def _sweep(self) -> None:
+        if self._controller.expire(self._clock()):
+            self._changed.notify_all()
+
+    def _drop_evicted(self) -> None:
+        for partition, ids in self._controller.pop_evicted():
+            self._storage.drop_rows(partition, ids)
+
+    def _deadline(self, lease_timeout: float | None) -> float | None:
+        return None if lease_timeout is None else self._clock() + lease_timeout
+
+    def _hopeless(
+        self, task: str, partition: Hashable, max_staleness: int | None
+    ) -> Callable[[], bool]:
+        return lambda: self._controller.exhausted(task, partition, max_staleness)
+
+    def _wait_until(
+        self,
+        attempt: Callable[[], T | None],
+        timeout: float | None,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> T | None:
+        """`attempt()` until it gives an answer, waiting for changes in between.
+
+        None if `timeout` passes first or `give_up()` says nothing can ever come. Besides
+        notifications, a waiter wakes when the next lease deadline is due, since expiry
+        can free rows without anyone calling the queue.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            result = attempt()
+            if result is not None:
+                return result
+            if timeout == 0 or give_up():
+                return None
+            wait = None if end is None else end - time.monotonic()
+            if wait is not None and wait <= 0:
+                return None
+            due = self._controller.next_deadline()
+            if due is not None:
+                until_due = max(due - self._clock(), 0.0)
+                wait = until_due if wait is None else min(wait, until_due)
+            self._changed.wait(wait)
+            self._sweep()
+
+
+def _lease(meta: LeaseMeta, batch: pa.RecordBatch) -> Lease:
+    return Lease(
+        meta.lease_id, meta.task, meta.partition, meta.sample_ids, batch, meta.owner, meta.deadline
+    )
+
+
+def _check_wait(context: str, name: str, value: object) -> None:
+    """A wait in seconds: None (forever) or a number >= 0."""
+    if value is None:
+        return
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or value < 0
+    ):
+        raise QueueError(f"{context}: {name} must be None or seconds >= 0, got {value!r}")
+
+
+def _check_lease_timeout(context: str, value: object) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise QueueError(f"{context}: lease_timeout must be None or seconds > 0, got {value!r}")
 
 
 # ---- input normalisation (pure, outside the lock) ---------------------------------------
@@ -330,23 +745,6 @@ def _row_meta(batch: pa.RecordBatch, length_columns: Sequence[str], context: str
         policy_versions=_int_column(batch, POLICY_VERSION, -1, context),
         lengths=lengths,
     )
-
-
-def _checked_choice(sampler: Sampler, cands: Candidates, batch_size: int | None) -> np.ndarray:
-    """Run the sampler and make sure it only picked offered rows, each once."""
-    chosen = np.asarray(sampler(cands, batch_size))
-    if chosen.size == 0:
-        return np.empty(0, dtype=np.int64)
-    name = getattr(sampler, "__name__", repr(sampler))
-    if chosen.ndim != 1 or not np.issubdtype(chosen.dtype, np.integer):
-        raise QueueError(f"sampler {name} must return a flat array of sample ids")
-    chosen = chosen.astype(np.int64, copy=False)
-    offered = np.isin(chosen, cands.sample_ids)
-    if not offered.all():
-        raise QueueError(f"sampler {name} picked rows not offered: {format_ids(chosen[~offered])}")
-    if len(np.unique(chosen)) != len(chosen):
-        raise QueueError(f"sampler {name} picked some sample ids more than once")
-    return chosen
 
 
 def _lease_id(lease: Lease | int) -> int:
