@@ -14,6 +14,7 @@ from distributed import Client, LocalCluster
 from asyncflow.errors import QueueError
 from asyncflow.runtime.queue.extension import EXTENSION
 from asyncflow.runtime.queue.remote import DistributedTransferQueue
+from asyncflow.runtime.queue.transfer_queue import QueueFull
 
 pytestmark = pytest.mark.cluster
 
@@ -214,3 +215,97 @@ def test_async_call_style_on_an_asynchronous_client(cluster):
 
     ids, leased, in_flight = asyncio.run(main())
     assert ids == leased == [*range(ids[0], ids[0] + 3)] and in_flight == 0
+
+
+def test_staleness_filter_and_policy_versions(cluster):
+    _, client = cluster
+    queue = DistributedTransferQueue(client=client)
+    versions = pa.array([0, 1, 2, 3], pa.int64())
+    batch = prompts(4).append_column("policy_version", versions)
+    ids = queue.add_rows(0, batch)
+    queue.set_policy_version(3)
+    lease = queue.get("actor", ["prompt_ids"], 0, max_staleness=1)
+    assert lease.sample_ids.tolist() == ids[2:].tolist()  # versions 2 and 3 only
+    assert sorted(queue.stale(0, 1).tolist()) == ids[:2].tolist()
+    with pytest.raises(QueueError):
+        queue.set_policy_version(2)  # versions never go back
+    queue.close()
+
+
+def test_group_leases_are_token_balanced_and_keep_groups_whole(cluster):
+    _, client = cluster
+    queue = DistributedTransferQueue(client=client)
+    lengths = [1, 9, 2, 8, 3, 7, 4, 6]  # group g = rows 2g, 2g+1: 10 tokens per group
+    batch = pa.record_batch(
+        {
+            "prompt_ids": pa.array([[0] * n for n in lengths], TOKENS),
+            "group_id": pa.array([0, 0, 1, 1, 2, 2, 3, 3], pa.int64()),
+        }
+    )
+    queue.add_rows(0, batch)
+    leases = queue.get_group(
+        "actor", ["prompt_ids", "group_id"], 0, ranks=2, sampler="group_preserving"
+    )
+    assert len(leases) == 2
+    tokens = [sum(map(len, lease.batch.column("prompt_ids").to_pylist())) for lease in leases]
+    assert tokens == [20, 20]
+    for lease in leases:
+        groups = lease.batch.column("group_id").to_pylist()
+        assert all(groups.count(g) == 2 for g in groups)  # no group split across ranks
+    same = queue.get_group("ref", ["prompt_ids"], 0, ranks=3, same_view=True, batch_size=4)
+    assert [lease.sample_ids.tolist() for lease in same] == [same[0].sample_ids.tolist()] * 3
+    queue.close()
+
+
+def test_capacity_backpressure_and_eviction_free_the_workers(cluster):
+    _, client = cluster
+    queue = DistributedTransferQueue(client=client, capacity_rows=8, consumers=["actor"])
+    holder = workers(client)[0]
+    client.submit(produce, queue, 0, 8, workers=[holder], pure=False).result()
+    with pytest.raises(QueueFull):
+        queue.add_rows(0, prompts(4), timeout=0.2)  # full: the producer is pushed back
+    blocked = client.submit(produce, queue, 0, 4, workers=[holder], pure=False)
+    time.sleep(0.3)
+    assert not blocked.done()
+    lease = queue.get("actor", ["prompt_ids"], 0, batch_size=8)
+    queue.ack(lease)  # every declared consumer acked: rows evicted, room made
+    assert len(blocked.result(timeout=10)) == 4
+    stats = queue.stats()
+    assert stats["live_rows"] == 4 and stats["evicted_rows"] == 8
+    deadline = time.monotonic() + 10  # the holder is told to drop the evicted chunk
+    while client.run(_chunks_held, workers=[holder])[holder] > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.run(_chunks_held, workers=[holder])[holder] == 1
+    queue.close()
+
+
+def _chunks_held() -> int:
+    from asyncflow.runtime.queue.chunk_store import STORE
+
+    return len(STORE)
+
+
+def test_sealed_partition_hands_out_the_remainder_and_drains(cluster):
+    _, client = cluster
+    queue = DistributedTransferQueue(client=client)
+    ids = queue.add_rows(0, prompts(5))
+    assert queue.get("actor", ["prompt_ids"], 0, min_rows=8) is None  # waits for 8 rows
+    queue.seal(0)
+    lease = queue.get("actor", ["prompt_ids"], 0, min_rows=8, timeout=5)
+    assert lease.sample_ids.tolist() == ids.tolist()
+    queue.ack(lease)
+    assert queue.is_drained("actor", ["prompt_ids"], 0)
+    assert queue.get("actor", ["prompt_ids"], 0, timeout=None) is None  # never hangs
+    queue.close()
+
+
+def test_token_budget_sampler(cluster):
+    _, client = cluster
+    queue = DistributedTransferQueue(client=client)
+    queue.add_rows(0, prompts(6))  # token lengths 1, 2, 3, 1, 2, 3
+    lease = queue.get("actor", ["prompt_ids"], 0, sampler="token_budget", max_tokens=4)
+    assert sum(map(len, lease.batch.column("prompt_ids").to_pylist())) <= 4
+    assert len(lease) == 2
+    with pytest.raises(QueueError, match="unknown sampler"):
+        queue.get("actor", ["prompt_ids"], 0, sampler="random")
+    queue.close()

@@ -847,6 +847,12 @@ class Controller:
                 )
         self._evict(part, positions)
 
+    def lose(self, partition: Hashable, positions: np.ndarray) -> None:
+        """Rows whose data is gone (its holder died): evicted for every task, leased or not."""
+        part = self.partition(partition)
+        positions = np.asarray(positions, dtype=np.int64)
+        self._evict(part, positions[~part.evicted[positions]])
+
     def pop_evicted(self) -> list[tuple[Hashable, np.ndarray]]:
         """(partition, sample ids) evicted since the last call: the data holder drops them."""
         evicted, self._evicted = self._evicted, []

@@ -110,10 +110,14 @@ class DistributedTransferQueue:
         client=None,
         *,
         length_columns: Sequence[str] = DEFAULT_LENGTH_COLUMNS,
+        capacity_rows: int | None = None,
+        consumers: Sequence[str] | None = None,
         create: bool = True,
     ) -> None:
         self.name = name or f"asyncflow-tq-{secrets.token_hex(4)}"
         self.length_columns = tuple(length_columns)
+        self.capacity_rows = capacity_rows
+        self._consumers = None if consumers is None else list(consumers)
         self._client = client
         self._round_robin = None
         # On an asynchronous client this is a coroutine, awaited by `await queue`.
@@ -121,7 +125,9 @@ class DistributedTransferQueue:
 
     async def _create(self) -> None:
         await install(self.client)
-        await self.client.scheduler.tq_create(name=self.name)
+        await self.client.scheduler.tq_create(
+            name=self.name, capacity_rows=self.capacity_rows, consumers=self._consumers
+        )
 
     def __await__(self):
         async def started():
@@ -132,7 +138,7 @@ class DistributedTransferQueue:
         return started().__await__()
 
     def __reduce__(self):
-        return (_rebind, (self.name, self.length_columns))
+        return (_rebind, (self.name, self.length_columns, self.capacity_rows))
 
     @property
     def client(self):
@@ -146,19 +152,38 @@ class DistributedTransferQueue:
 
     # ---- writes -----------------------------------------------------------------------
 
-    def add_rows(self, partition: Hashable, batch: pa.RecordBatch | pa.Table):
-        """Append rows; returns their sample ids (np.ndarray[int64])."""
-        return self._sync(self._add_rows, partition, batch)
+    def add_rows(self, partition: Hashable, batch: pa.RecordBatch | pa.Table, *, timeout=None):
+        """Append rows; returns their sample ids (np.ndarray[int64]).
 
-    async def _add_rows(self, partition, batch) -> np.ndarray:
+        With a capacity, first waits (up to `timeout` s, None = as long as it takes) for
+        room, so producers slow down instead of the queue growing: QueueFull on timeout.
+        """
+        return self._sync(self._add_rows, partition, batch, timeout)
+
+    async def _add_rows(self, partition, batch, timeout) -> np.ndarray:
         context = f"add_rows to queue {self.name!r} partition {partition!r}"
         batch = _as_batch(batch, context)
         if SAMPLE_ID in batch.schema.names:
             raise QueueError(f"{context}: sample ids are assigned by the queue; drop {SAMPLE_ID!r}")
         types, meta = _column_types(batch, context), _row_meta(batch, self.length_columns, context)
-        chunk_id, address = await self._store(batch)
+        reserved = self.capacity_rows is not None
+        if reserved:
+            await self.client.scheduler.tq_reserve(
+                name=self.name,
+                partition=partition,
+                rows=batch.num_rows,
+                types=pack_types(types),
+                timeout=timeout,
+            )
+        try:
+            chunk_id, address = await self._store(batch)
+        except BaseException:
+            if reserved:
+                await self.client.scheduler.tq_unreserve(name=self.name, rows=batch.num_rows)
+            raise
         try:
             ids = await self.client.scheduler.tq_add_rows(
+                reserved=reserved,
                 name=self.name,
                 partition=partition,
                 chunk_id=chunk_id,
@@ -240,49 +265,106 @@ class DistributedTransferQueue:
         *,
         batch_size: int | None = None,
         sampler: str = "sequential",
+        max_tokens: int | None = None,
         timeout: float | None = 0.0,
         min_rows: int = 1,
+        max_staleness: int | None = None,
         lease_timeout: float | None = None,
     ) -> Lease | None:
-        """Lease ready rows for `task`, waiting up to `timeout` s (None: forever) for them."""
-        return self._sync(
-            self._get,
+        """Lease ready rows for `task`, waiting up to `timeout` s (None: forever) for them.
+
+        `sampler` is a name: sequential, group_preserving or token_budget (with
+        `max_tokens`). `max_staleness` skips rows more than that many policy versions old.
+        """
+        spec = self._spec(
             task,
             columns,
             partition,
             batch_size,
             sampler,
-            timeout,
+            max_tokens,
             min_rows,
+            max_staleness,
             lease_timeout,
         )
+        return self._sync(self._get, spec, timeout, single=True)
 
-    async def _get(
-        self, task, columns, partition, batch_size, sampler, timeout, min_rows, lease_timeout
-    ) -> Lease | None:
-        cols = _requested_columns(columns, f"get for task {task!r}")
-        sampler = getattr(sampler, "__name__", sampler)
-        reply = await self.client.scheduler.tq_get(
-            name=self.name,
-            task=task,
-            columns=cols,
-            partition=partition,
-            batch_size=batch_size,
-            sampler=sampler,
-            owner=self._owner(),
-            timeout=timeout,
-            min_rows=min_rows,
-            lease_timeout=lease_timeout,
+    def get_group(
+        self,
+        task: str,
+        columns: Sequence[str],
+        partition: Hashable,
+        *,
+        ranks: int,
+        balance: str | None = "karmarkar_karp",
+        same_view: bool = False,
+        batch_size: int | None = None,
+        sampler: str = "sequential",
+        max_tokens: int | None = None,
+        timeout: float | None = 0.0,
+        min_rows: int = 1,
+        max_staleness: int | None = None,
+        lease_timeout: float | None = None,
+    ) -> list[Lease] | None:
+        """One micro-batch for a data-parallel group: a lease per rank, token-balanced
+        (whole groups kept together), or the same rows for every rank with `same_view`."""
+        spec = self._spec(
+            task,
+            columns,
+            partition,
+            batch_size,
+            sampler,
+            max_tokens,
+            min_rows,
+            max_staleness,
+            lease_timeout,
         )
-        if reply is None:
+        spec.update(ranks=ranks, balance=balance, same_view=same_view)
+        return self._sync(self._get, spec, timeout, single=False)
+
+    def _spec(
+        self,
+        task,
+        columns,
+        partition,
+        batch_size,
+        sampler,
+        max_tokens,
+        min_rows,
+        max_staleness,
+        lease_timeout,
+    ) -> dict:
+        return {
+            "task": task,
+            "columns": _requested_columns(columns, f"get for task {task!r}"),
+            "partition": partition,
+            "batch_size": batch_size,
+            "sampler": getattr(sampler, "__name__", sampler),
+            "max_tokens": max_tokens,
+            "min_rows": min_rows,
+            "max_staleness": max_staleness,
+            "lease_timeout": lease_timeout,
+        }
+
+    async def _get(self, spec: dict, timeout: float | None, single: bool):
+        spec = {**spec, "owner": self._owner()}
+        # Fast path: rows usually are ready; ask together with this process's other consumers.
+        grants = await self._control({"op": "get", **spec})
+        if grants is None and timeout != 0:  # then wait, event-driven, on the scheduler
+            grants = await self.client.scheduler.tq_get(name=self.name, timeout=timeout, **spec)
+        if grants is None:
             return None
-        ids = unpack(reply["sample_ids"])
+        leases = []
         try:
-            batch = await self._assemble(ids, cols, reply["plan"])
+            for grant in grants:
+                ids = unpack(grant["sample_ids"])
+                batch = await self._assemble(ids, spec["columns"], grant["plan"])
+                leases.append(Lease(grant["lease_id"], spec["task"], spec["partition"], ids, batch))
         except BaseException:
-            await self.client.scheduler.tq_release(name=self.name, lease_id=reply["lease_id"])
+            for grant in grants:
+                await self._control({"op": "release", "lease_id": grant["lease_id"]})
             raise
-        return Lease(reply["lease_id"], task, partition, ids, batch)
+        return leases[0] if single else leases
 
     def ack(self, lease: Lease | int) -> None:
         """The lease's outputs are stored: its rows are consumed by its task for good."""
@@ -354,6 +436,49 @@ class DistributedTransferQueue:
     def clear(self, partition: Hashable) -> None:
         return self._sync(self.client.scheduler.tq_clear, name=self.name, partition=partition)
 
+    def seal(self, partition: Hashable) -> None:
+        """No more rows will be added: the last short batch may go, drained tasks stop."""
+        return self._sync(self.client.scheduler.tq_seal, name=self.name, partition=partition)
+
+    def set_policy_version(self, version: int) -> None:
+        return self._sync(
+            self.client.scheduler.tq_set_policy_version, name=self.name, version=version
+        )
+
+    def declare_consumers(self, partition: Hashable, tasks: Sequence[str]) -> None:
+        """Rows every one of `tasks` acked are evicted and their chunks freed."""
+        return self._sync(
+            self.client.scheduler.tq_declare_consumers,
+            name=self.name,
+            partition=partition,
+            tasks=list(tasks),
+        )
+
+    def evict(self, partition: Hashable, sample_ids) -> None:
+        ids = pack(_as_ids(sample_ids, f"evict from queue {self.name!r}"))
+        return self._sync(
+            self.client.scheduler.tq_evict, name=self.name, partition=partition, sample_ids=ids
+        )
+
+    def stale(self, partition: Hashable, max_staleness: int) -> np.ndarray:
+        return unpack(
+            self._sync(
+                self.client.scheduler.tq_stale,
+                name=self.name,
+                partition=partition,
+                max_staleness=max_staleness,
+            )
+        )
+
+    def is_drained(self, task: str, columns: Sequence[str], partition: Hashable) -> bool:
+        return self._sync(
+            self.client.scheduler.tq_is_drained,
+            name=self.name,
+            task=task,
+            columns=list(columns),
+            partition=partition,
+        )
+
     def stats(self) -> dict[str, Any]:
         return self._sync(self.client.scheduler.tq_stats, name=self.name)
 
@@ -382,8 +507,10 @@ def _coalescer(key: tuple[str, str], send) -> Coalescer:
     return coalescer
 
 
-def _rebind(name: str, length_columns: tuple[str, ...]) -> DistributedTransferQueue:
-    return DistributedTransferQueue(name, length_columns=length_columns, create=False)
+def _rebind(name: str, length_columns: tuple[str, ...], capacity_rows: int | None):
+    return DistributedTransferQueue(
+        name, length_columns=length_columns, capacity_rows=capacity_rows, create=False
+    )
 
 
 def _current_client():
