@@ -92,15 +92,24 @@ def _drop(queue: str, chunk_ids: list[int]) -> int:
 
 
 async def install(client) -> None:
-    """Register the scheduler extension and worker handlers, unless already there."""
-    if await client.run_on_scheduler(_installed):
-        return
-    await client.register_plugin(TransferQueueSchedulerPlugin())
-    await client.register_plugin(TransferQueueWorkerPlugin())
+    """Register the scheduler extension and the worker handlers, each unless already there.
+
+    A scheduler started with `--preload asyncflow.runtime.queue.extension` has the
+    extension but no worker plugin yet: registering it reaches every current and future
+    worker.
+    """
+    has_extension, has_handlers = await client.run_on_scheduler(_installed)
+    if not has_extension:
+        await client.register_plugin(TransferQueueSchedulerPlugin())
+    if not has_handlers:
+        await client.register_plugin(TransferQueueWorkerPlugin())
 
 
-def _installed(dask_scheduler) -> bool:
-    return EXTENSION in dask_scheduler.extensions
+def _installed(dask_scheduler) -> tuple[bool, bool]:
+    return (
+        EXTENSION in dask_scheduler.extensions,
+        TransferQueueWorkerPlugin.name in dask_scheduler.worker_plugins,
+    )
 
 
 class DistributedTransferQueue:
