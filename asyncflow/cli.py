@@ -38,6 +38,19 @@ def _parser() -> argparse.ArgumentParser:
         description=f"Run a workflow ({names}) on an embedded Dask cluster or an existing one.",
     )
     run.add_argument("workflow", help=f"workflow name ({names})")
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save every replica's state every N steps (0: never)",
+    )
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its latest checkpoint, with its saved config",
+    )
     run.add_argument("--steps", type=int, help="training steps (default: the workflow's)")
     run.add_argument("--seed", type=int, help="run seed (default: the workflow's)")
     run.add_argument(
@@ -79,7 +92,30 @@ def _config(args: argparse.Namespace):
     for flag in ("steps", "seed"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        saved = resume / "config.json"
+        if not saved.exists():
+            raise ConfigError(f"--resume {resume}: no config.json there (not a run directory?)")
+        base = _from_dict(entry.config_type, json.loads(saved.read_text()))
+        return entry, dataclasses.replace(base, **overrides)
     return entry, entry.config_type(**overrides)
+
+
+def _from_dict(config_type: type, data: dict):
+    """Rebuild a (nested) config dataclass from its saved JSON."""
+    hints = typing.get_type_hints(config_type)
+    kwargs = {}
+    for f in dataclasses.fields(config_type):
+        if f.name not in data:
+            continue
+        value, kind = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = _from_dict(kind, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return config_type(**kwargs)
 
 
 def _parse_overrides(config_type: type, pairs: list[str]) -> dict:
@@ -122,7 +158,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from asyncflow.runtime.executor import SyncExecutor
 
     entry, cfg = _config(args)
-    run_dir = args.run_dir or Path("runs") / f"{args.workflow}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.resume or args.run_dir
+    run_dir = run_dir or Path("runs") / f"{args.workflow}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, default=str)
     (run_dir / "config.json").write_text(config_json)
@@ -130,7 +167,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cluster = ClusterConfig(scheduler=args.scheduler, n_workers=args.workers, host=args.host)
     print(f"asyncflow: {args.workflow}, {cfg.steps} steps, run dir {run_dir}", flush=True)
     with connect(cluster) as client:
-        SyncExecutor(recipe, client, run_dir).run()
+        executor = SyncExecutor(
+            recipe,
+            client,
+            run_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume is not None,
+        )
+        executor.run()
     return 0
 
 

@@ -77,6 +77,15 @@ class ModelOperator(WeightedOperator):
         self.model.load_state_dict(weights)
         self.version = version
 
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able facts) that restore this replica exactly: no pickle needed."""
+        version, weights = self.get_weights()
+        return {f"model.{k}": v for k, v in weights.items()}, {"version": version}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.set_weights(int(meta["version"]), weights)
+
 
 class AccumulatingTrainer(ModelOperator):
     """Micro-batch training whose update equals the one-big-batch update.
@@ -106,6 +115,28 @@ class AccumulatingTrainer(ModelOperator):
             self.optimizer, partial(lr_factor, self.optim)
         )
         self._reset_step()
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().checkpoint_state()
+        optim = self.optimizer.state_dict()
+        for index, state in optim["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone()
+        meta["param_groups"] = optim["param_groups"]
+        meta["scheduler"] = {
+            k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
+        }
+        return tensors, meta
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().restore_state(tensors, meta)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
 
     def _reset_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from asyncflow.errors import AsyncflowError, ConfigError, OperatorError
 from asyncflow.graph import Node, WorkflowGraph
 from asyncflow.operators.base import OperatorContext
 from asyncflow.operators.model import save_weights
+from asyncflow.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from asyncflow.runtime.cluster import dashboard_url, worker_addresses
 from asyncflow.runtime.host import OperatorHost
 from asyncflow.runtime.queue import Lease, TransferQueue, samplers
@@ -50,6 +52,8 @@ class SyncExecutor:
         *,
         reporter: RunReporter | None = None,
         torch_threads: int = 1,
+        checkpoint_every: int = 0,
+        resume: bool = False,
     ):
         self.recipe = recipe
         self.client = client
@@ -59,8 +63,11 @@ class SyncExecutor:
         _check_recipe(recipe, self.graph)
         self.reporter = reporter or RunReporter(self.run_dir, recipe.steps)
         self.torch_threads = torch_threads
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
         self.queue = TransferQueue()
         self.hosts: dict[str, list[Any]] = {}
+        self._token = secrets.token_hex(4)  # actor keys unique per executor, even per run dir
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -89,7 +96,7 @@ class SyncExecutor:
                     self.torch_threads,
                     actor=True,
                     workers=[worker],
-                    key=f"asyncflow-{name}-{replica}-{self.run_dir.name}",
+                    key=f"asyncflow-{name}-{replica}-{self._token}",
                 )
         for (name, _), future in pending.items():
             self.hosts.setdefault(name, []).append(future.result())
@@ -116,18 +123,24 @@ class SyncExecutor:
             json.dumps(self.graph.describe(), indent=2, sort_keys=True)
         )
         self._place_hosts()
-        if recipe.prepare is not None:
-            self._prepare_weights()
         trainer = self.hosts[recipe.trainer][0]
-        if recipe.evaluate is not None:
-            _, weights = trainer.get_weights().result()
-            result.before = self._run_on_cluster(recipe.evaluate, weights)
-            self.reporter.info(f"before training: {_fmt(result.before)}")
+        first_step = 0
+        if self.resume:
+            first_step, result.before = self._restore()
+        else:
+            if recipe.prepare is not None:
+                self._prepare_weights()
+            if recipe.evaluate is not None:
+                _, weights = trainer.get_weights().result()
+                result.before = self._run_on_cluster(recipe.evaluate, weights)
+                self.reporter.info(f"before training: {_fmt(result.before)}")
 
-        for step in range(recipe.steps):
+        for step in range(first_step, recipe.steps):
             record = self.run_step(step)
             result.history.append(record)
             self.reporter.step(record)
+            if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
+                self._checkpoint(step, result.before)
 
         _, weights = trainer.get_weights().result()
         save_weights(weights, recipe.model_config, self.run_dir / "final.safetensors")
@@ -139,6 +152,39 @@ class SyncExecutor:
                 self.reporter.info(_before_after(key, result.before.get(key), result.after[key]))
         self.reporter.close()
         return result
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _weighted_hosts(self):
+        for name in self.graph.order():
+            if self.graph.nodes[name].has_weights:
+                for replica, host in enumerate(self.hosts[name]):
+                    yield f"{name}-{replica}", host
+
+    def _checkpoint(self, step: int, before: dict[str, float]) -> None:
+        futures = {key: host.checkpoint_state() for key, host in self._weighted_hosts()}
+        states = {key: future.result() for key, future in futures.items()}
+        manifest = {"next_sample_id": self.queue.next_sample_id, "before": before}
+        path = save_checkpoint(self.run_dir, step, states, manifest)
+        self.reporter.info(f"checkpoint: {path}")
+
+    def _restore(self) -> tuple[int, dict[str, float]]:
+        """Load the latest checkpoint into every replica; returns (next step, eval before)."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise ConfigError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir}")
+        manifest, states = load_checkpoint(path)
+        hosts = dict(self._weighted_hosts())
+        missing = sorted(set(hosts) - set(states))
+        if missing:
+            raise ConfigError(f"{path}: no state for replicas {missing}; same workflow?")
+        for future in [hosts[key].restore_state(*states[key]) for key in hosts]:
+            future.result()
+        self.queue.start_ids_at(manifest["next_sample_id"])
+        step = int(manifest["step"])
+        self.reporter.truncate_after(step)
+        self.reporter.info(f"resumed from {path} (step {step + 1} done)")
+        return step + 1, manifest.get("before", {})
 
     def run_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()

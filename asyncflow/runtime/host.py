@@ -58,6 +58,12 @@ class OperatorHost:
     def set_weights(self, version: int, weights: dict[str, Any]) -> None:
         self.operator.set_weights(version, weights)  # type: ignore[attr-defined]
 
+    def checkpoint_state(self):
+        return self.operator.checkpoint_state()  # type: ignore[attr-defined]
+
+    def restore_state(self, tensors, meta) -> None:
+        self.operator.restore_state(tensors, meta)  # type: ignore[attr-defined]
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call an operator-specific method (e.g. evaluation helpers) on this replica."""
         return getattr(self.operator, method)(*args, **kwargs)

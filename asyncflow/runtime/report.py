@@ -19,6 +19,14 @@ class RunReporter:
         self.stream = stream if stream is not None else sys.stdout
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
+    def truncate_after(self, step: int) -> None:
+        """Resuming from a checkpoint: forget steps recorded after it (they will rerun)."""
+        self._metrics.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.run_dir) if r["step"] <= step] if path.exists() else []
+        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self._metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
     def info(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
 

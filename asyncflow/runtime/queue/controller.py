@@ -377,6 +377,15 @@ class Controller:
             )
         self.check_types(partition, types)
 
+    @property
+    def next_sample_id(self) -> int:
+        return self._next_sample_id
+
+    def start_ids_at(self, next_id: int) -> None:
+        if next_id < self._next_sample_id:
+            raise QueueError(f"sample ids cannot go back from {self._next_sample_id} to {next_id}")
+        self._next_sample_id = int(next_id)
+
     def new_sample_ids(self, count: int) -> np.ndarray:
         """Reserve ids for rows about to be added (the ids are never reused)."""
         ids = np.arange(self._next_sample_id, self._next_sample_id + count, dtype=np.int64)

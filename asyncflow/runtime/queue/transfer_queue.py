@@ -163,6 +163,17 @@ class TransferQueue:
 
     # ---- writes -----------------------------------------------------------------------
 
+    @property
+    def next_sample_id(self) -> int:
+        """The id the next added row gets: part of a checkpoint's queue position."""
+        with self._lock:
+            return self._controller.next_sample_id
+
+    def start_ids_at(self, next_id: int) -> None:
+        """Resume numbering where a checkpointed run stopped (never backwards)."""
+        with self._lock:
+            self._controller.start_ids_at(next_id)
+
     def add_rows(
         self,
         partition: Hashable,
