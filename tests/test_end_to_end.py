@@ -141,3 +141,19 @@ def test_resume_without_checkpoint_is_a_clear_error(dask_client, tmp_path):
 
     with pytest.raises(ConfigError, match="no checkpoint"):
         SyncExecutor(grpo.recipe(SMALL, tmp_path), dask_client, tmp_path, resume=True).run()
+
+
+def test_ppo_with_critic_and_gae_runs_and_syncs_both_trainers(dask_client, tmp_path):
+    from asyncflow.workflows import ppo
+
+    cfg = ppo.PPOConfig(steps=2, prompts_per_step=8, group_size=2, warmstart_steps=20)
+    executor = SyncExecutor(ppo.recipe(cfg, tmp_path), dask_client, tmp_path)
+    executor.run()
+    metrics = read_metrics(tmp_path)
+    assert [m["samples"] for m in metrics] == [16, 16]
+    assert any(key.startswith("critic/") for key in metrics[-1])
+    # the critic published its weights to the values operator after each step
+    critic_version, critic_weights = executor.hosts["critic"][0].get_weights().result()
+    values_version, values_weights = executor.hosts["values"][0].get_weights().result()
+    assert critic_version == values_version == 2
+    assert all(torch.equal(critic_weights[k], values_weights[k]) for k in critic_weights)

@@ -198,9 +198,9 @@ class SyncExecutor:
                 self.queue.add_rows(step, batch)
             else:
                 self._run_stage(node, step)
-                if name == self.recipe.trainer:
-                    for host in self.hosts[name]:
-                        train_metrics.update(host.end_step(step).result())
+                # every operator hears the end of the step (trainers take their optimizer step)
+                for future in [host.end_step(step) for host in self.hosts[name]]:
+                    train_metrics.update(future.result())
             timings[f"time/{name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         version = self._sync_weights()

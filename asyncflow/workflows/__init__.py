@@ -22,7 +22,7 @@ class WorkflowEntry:
 
 
 def registry() -> dict[str, WorkflowEntry]:
-    from asyncflow.workflows import grpo
+    from asyncflow.workflows import grpo, ppo
 
     def variant(advantage: str) -> type:
         """The GRPO recipe with another per-sample advantage estimator as its default."""
@@ -40,6 +40,7 @@ def registry() -> dict[str, WorkflowEntry]:
         ("reinforce_pp", "REINFORCE++ (batch-whitened advantages)"),
     ):
         entries[name] = WorkflowEntry(variant(name), grpo.build, grpo.recipe, summary)
+    entries["ppo"] = WorkflowEntry(ppo.PPOConfig, ppo.build, ppo.recipe, "PPO (critic + GAE)")
     return entries
 
 

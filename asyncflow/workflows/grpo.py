@@ -84,9 +84,10 @@ def build(cfg: GRPOConfig, init_path: str | None = None) -> Workflow:
     return wf
 
 
-def recipe(cfg: GRPOConfig, run_dir: Path) -> Recipe:
+def recipe(cfg: GRPOConfig, run_dir: Path, build_fn=None) -> Recipe:
+    """Everything a run needs; `build_fn` swaps the graph (e.g. PPO's) around the same task."""
     return Recipe(
-        workflow=build(cfg, cfg.init),
+        workflow=(build_fn or build)(cfg, cfg.init),
         steps=cfg.steps,
         rows_per_step=cfg.prompts_per_step * cfg.group_size,
         micro_batch_size=cfg.micro_batch_size,
