@@ -134,3 +134,53 @@ class Storage:
         indices = starts[local.reshape(-1)] + offset
         taken = pa.chunked_array(sources, type=dtype).take(pa.array(indices, type=pa.int64()))
         return taken
+
+
+class EvictingStorage(Storage):
+    """Storage that forgets single rows, freeing a written chunk once none of its rows is left.
+
+    Eviction is per row but memory is per chunk (one write), so each chunk counts its live
+    rows; the chunk is let go when that reaches zero. Leases already handed out keep their
+    slices alive, as Arrow buffers are reference counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # partition -> live rows per chunk, aligned with that partition's chunk list
+        self._live_in_chunk: dict[Hashable, list[int]] = {}
+
+    def store(self, partition: Hashable, sample_ids: np.ndarray, batch: pa.RecordBatch) -> None:
+        part = self._partitions[partition]
+        before = len(part.chunks)
+        super().store(partition, sample_ids, batch)
+        if len(part.chunks) > before:
+            self._live_in_chunk.setdefault(partition, []).append(batch.num_rows)
+
+    def drop_rows(self, partition: Hashable, sample_ids: np.ndarray) -> None:
+        """Forget these rows' data; later reads of them are the controller's to refuse."""
+        part = self._partitions.get(partition)
+        if part is None or len(sample_ids) == 0:
+            return
+        positions = part.positions(sample_ids)
+        held = [np.empty((0, 2), dtype=np.int64)]  # (position, chunk) pairs still referenced
+        for index in part.columns.values():
+            chunk = index.chunk[positions]
+            stored = chunk >= 0
+            held.append(np.stack([positions[stored], chunk[stored].astype(np.int64)], axis=1))
+            index.chunk[positions] = -1
+        pairs = np.unique(np.concatenate(held), axis=0)  # a row counts once per chunk
+        chunks, rows = np.unique(pairs[:, 1], return_counts=True)
+        live = self._live_in_chunk[partition]
+        for number, count in zip(chunks.tolist(), rows.tolist(), strict=True):
+            live[number] -= count
+            if live[number] == 0:
+                part.nbytes -= part.chunks[number].nbytes
+                part.chunks[number] = None  # type: ignore[call-overload]
+
+    def drop(self, partition: Hashable) -> None:
+        super().drop(partition)
+        self._live_in_chunk.pop(partition, None)
+
+    def chunks_held(self, partition: Hashable) -> int:
+        """Chunks of the partition still in memory (for tests and stats)."""
+        return sum(1 for live in self._live_in_chunk.get(partition, ()) if live > 0)
