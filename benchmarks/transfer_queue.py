@@ -454,6 +454,19 @@ async def task_consume_async(
     queue: DistributedTransferQueue, task: str, partition: str, consumers: int
 ) -> dict:
     """`consumers` coroutines on this worker's event loop, each get(1)+ack until drained."""
+    return await _consume_async(queue, task, partition, consumers, ack_wait=True)
+
+
+async def task_consume_async_piggyback(
+    queue: DistributedTransferQueue, task: str, partition: str, consumers: int
+) -> dict:
+    """As task_consume_async, but acks are not awaited: they ride with the next get."""
+    return await _consume_async(queue, task, partition, consumers, ack_wait=False)
+
+
+async def _consume_async(
+    queue: DistributedTransferQueue, task: str, partition: str, consumers: int, ack_wait: bool
+) -> dict:
     _ = queue.client
 
     async def consumer() -> list[int]:
@@ -462,7 +475,10 @@ async def task_consume_async(
             lease = await queue.get(task, ["x"], partition, batch_size=1)
             if lease is None:
                 return mine
-            await queue.ack(lease)
+            if ack_wait:
+                await queue.ack(lease)
+            else:
+                await queue.ack(lease, wait=False)
             mine.extend(lease.sample_ids.tolist())
 
     start = time.time()
@@ -868,6 +884,7 @@ def bench_control_plane(
         ("async", 8, task_consume_async),
         ("async", 64, task_consume_async),
         ("threads", 64, task_consume_threads),
+        ("async, acks piggybacked", 64, task_consume_async_piggyback),
     ]
     for style, consumers, fn in levels:
         spread = [(b, 1)] if consumers == 1 else [(a, consumers // 2), (b, consumers // 2)]
@@ -890,7 +907,7 @@ def bench_control_plane(
             rates.append(len(ids) / wall)
             walls.append(wall)
         best, med = max(rates), statistics.median(rates)
-        key = f"dispatch_rate_{style}_{consumers}"
+        key = f"dispatch_rate_{style.replace(', ', '_').replace(' ', '_')}_{consumers}"
         report.figures.update(
             {
                 f"{key}_best": best,
@@ -900,7 +917,7 @@ def bench_control_plane(
             }
         )
         where = "1 coroutine on B" if consumers == 1 else f"{consumers // 2} per worker"
-        kind = "asyncio coroutines" if style == "async" else "threads, sync get"
+        kind = "threads, sync get" if style == "threads" else "asyncio coroutines"
         report.add(
             Row(
                 f"dispatches/s @{consumers} ({style})",
@@ -911,6 +928,8 @@ def bench_control_plane(
             )
         )
         out[f"rate_{style}_{consumers}"] = best
+    if "rate_async, acks piggybacked_64" in out:
+        out["rate_piggyback_64"] = out.pop("rate_async, acks piggybacked_64")
     queue.clear(part)
 
     # the RPC ceiling under those numbers: plain scheduler round trips, 32 coroutines/worker
@@ -1178,8 +1197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{control['pair_p50'] * 1e3:.2f} ms",
         control["pair_p50"] <= 2e-3,
     )
-    best64 = max(control["rate_async_64"], control["rate_threads_64"])
-    report.target("dispatches/s @64 consumers >= 5000", f"{best64:.0f} /s", best64 >= 5000)
+    modes = {
+        "async": control["rate_async_64"],
+        "threads": control["rate_threads_64"],
+        "acks piggybacked": control.get("rate_piggyback_64", 0.0),
+    }
+    mode, best64 = max(modes.items(), key=lambda item: item[1])
+    report.target("dispatches/s @64 consumers >= 5000", f"{best64:.0f} /s ({mode})", best64 >= 5000)
     verified = data["verified"] and control["verified"]
     report.target(
         "no row delivered twice or lost (all runs)",

@@ -71,3 +71,22 @@ def test_calls_after_a_flush_start_a_new_message():
     assert sent == [1, 1]
     with pytest.raises(TypeError):
         Coalescer()  # type: ignore[call-arg]
+
+
+def test_deferred_requests_ride_with_the_next_call_or_go_alone():
+    sent: list[list[dict]] = []
+
+    async def send(requests):
+        sent.append(requests)
+        return [{"result": r["x"]} for r in requests]
+
+    async def main():
+        c = Coalescer(send)
+        acked = c.defer({"x": "ack"})
+        got = await c.call({"x": "get"})  # one message: the deferred ack first, then the get
+        assert got == "get" and await acked == "ack"
+        alone = c.defer({"x": "late ack"}, linger=0.01)
+        assert await alone == "late ack"  # nobody called: it went on its own
+
+    asyncio.run(main())
+    assert [[r["x"] for r in m] for m in sent] == [["ack", "get"], ["late ack"]]

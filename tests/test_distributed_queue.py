@@ -309,3 +309,19 @@ def test_token_budget_sampler(cluster):
     with pytest.raises(QueueError, match="unknown sampler"):
         queue.get("actor", ["prompt_ids"], 0, sampler="random")
     queue.close()
+
+
+def test_unawaited_acks_ride_with_the_next_get_and_keep_exactly_once(cluster):
+    _, client = cluster
+    queue = DistributedTransferQueue(client=client)
+    ids = queue.add_rows(0, prompts(20))
+    seen = []
+    while (lease := queue.get("actor", ["prompt_ids"], 0, batch_size=3)) is not None:
+        seen.extend(lease.sample_ids.tolist())
+        queue.ack(lease, wait=False)  # returns at once; sent with the next get
+    assert sorted(seen) == ids.tolist()  # each row once: the next get saw the previous ack
+    deadline = time.monotonic() + 5
+    while queue.stats()["leases_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.01)  # the last ack goes alone after a few ms
+    assert queue.stats()["leases_in_flight"] == 0
+    queue.close()

@@ -27,10 +27,23 @@ class Coalescer:
     async def call(self, request: dict) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
-        if not self._flushing:
+        self._start()
+        return await future
+
+    def defer(self, request: dict, linger: float = 0.005) -> asyncio.Future:
+        """Queue a request without sending it: it rides with the next call, or goes on its
+        own after `linger` seconds. For acks a consumer need not wait for (piggybacking
+        them on the next get halves the round trips of a get/ack loop)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((request, future))
+        loop.call_later(linger, self._start)
+        return future
+
+    def _start(self) -> None:
+        if not self._flushing and self._pending:
             self._flushing = True
             self._task = asyncio.ensure_future(self._flush())
-        return await future
 
     async def _flush(self) -> None:
         try:

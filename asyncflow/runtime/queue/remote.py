@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 import weakref
 from collections.abc import Hashable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,8 @@ from asyncflow.runtime.queue.transfer_queue import (
     _without_echoed_ids,
 )
 from asyncflow.runtime.queue.wire import pack, pack_meta, pack_types, unpack
+
+logger = logging.getLogger(__name__)
 
 
 class TransferQueueWorkerPlugin(WorkerPlugin):
@@ -375,19 +379,36 @@ class DistributedTransferQueue:
             raise
         return leases[0] if single else leases
 
-    def ack(self, lease: Lease | int) -> None:
-        """The lease's outputs are stored: its rows are consumed by its task for good."""
-        return self._sync(self._control, {"op": "ack", "lease_id": _lease_id(lease)})
+    def ack(self, lease: Lease | int, *, wait: bool = True) -> None:
+        """The lease's outputs are stored: its rows are consumed by its task for good.
+
+        `wait=False` returns at once: the ack rides with this process's next queue request
+        (or goes alone within a few ms), and a failure is logged instead of raised. Requests
+        keep their order, so this process's next get already sees the rows consumed.
+        """
+        request = {"op": "ack", "lease_id": _lease_id(lease)}
+        if wait:
+            return self._sync(self._control, request)
+        return self._sync(self._defer, request)
+
+    async def _defer(self, request: dict) -> None:
+        future = self._scheduler_messages().defer(request)
+        future.add_done_callback(partial(_log_failure, self.name, request))
 
     def release(self, lease: Lease | int) -> None:
         """The consumer failed: its rows go back to the task."""
         return self._sync(self._control, {"op": "release", "lease_id": _lease_id(lease)})
 
     async def _control(self, request: dict):
+        return await self._scheduler_messages().call(request)
+
+    def _scheduler_messages(self) -> Coalescer:
+        """This process's coalescer of control requests for this queue (one per loop)."""
+
         async def send(requests: list[dict]) -> list[dict]:
             return await self.client.scheduler.tq_batch(name=self.name, requests=requests)
 
-        return await _coalescer(("scheduler", self.name), send).call(request)
+        return _coalescer(("scheduler", self.name), send)
 
     # ---- reads ------------------------------------------------------------------------
 
@@ -514,6 +535,11 @@ def _coalescer(key: tuple[str, str], send) -> Coalescer:
     if coalescer is None:
         coalescer = per_loop[key] = Coalescer(send)
     return coalescer
+
+
+def _log_failure(queue: str, request: dict, future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("asyncflow: queue %r: %s failed: %s", queue, request, future.exception())
 
 
 def _rebind(name: str, length_columns: tuple[str, ...], capacity_rows: int | None):
