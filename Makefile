@@ -11,8 +11,8 @@ setup:
 run: setup
 	$(PYTHON) -m asyncflow.cli run grpo $(ARGS)
 
-test: setup
-	$(PYTHON) -m pytest -q
+test:
+	PYTHON=$(PYTHON) bash .ci/run
 
 lint: setup
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
