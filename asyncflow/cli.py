@@ -51,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue RUN_DIR from its latest checkpoint, with its saved config",
     )
+    run.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="sync: each stage over the whole step, then the next (reproducible); "
+        "async: micro-batches stream through, rollout overlaps training (default: sync)",
+    )
+    run.add_argument(
+        "--max-staleness",
+        type=int,
+        default=1,
+        metavar="S",
+        help="async mode: samples are trained at most S policy versions after the one "
+        "that generated them (0: on-policy; default 1)",
+    )
     run.add_argument("--steps", type=int, help="training steps (default: the workflow's)")
     run.add_argument("--seed", type=int, help="run seed (default: the workflow's)")
     run.add_argument(
@@ -156,6 +171,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from asyncflow.runtime.cluster import ClusterConfig, connect
     from asyncflow.runtime.executor import SyncExecutor
+    from asyncflow.runtime.streaming import AsyncExecutor
 
     entry, cfg = _config(args)
     run_dir = args.resume or args.run_dir
@@ -165,15 +181,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     (run_dir / "config.json").write_text(config_json)
     recipe = entry.recipe(cfg, run_dir)
     cluster = ClusterConfig(scheduler=args.scheduler, n_workers=args.workers, host=args.host)
-    print(f"asyncflow: {args.workflow}, {cfg.steps} steps, run dir {run_dir}", flush=True)
+    print(
+        f"asyncflow: {args.workflow}, {cfg.steps} steps, {args.mode} mode, run dir {run_dir}",
+        flush=True,
+    )
     with connect(cluster) as client:
-        executor = SyncExecutor(
-            recipe,
-            client,
-            run_dir,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume is not None,
-        )
+        options = {
+            "checkpoint_every": args.checkpoint_every,
+            "resume": args.resume is not None,
+            "config": json.loads(config_json),
+        }
+        if args.mode == "async":
+            executor = AsyncExecutor(
+                recipe, client, run_dir, max_staleness=args.max_staleness, **options
+            )
+        else:
+            executor = SyncExecutor(recipe, client, run_dir, **options)
         executor.run()
     return 0
 

@@ -1,0 +1,237 @@
+"""Operator replicas on Dask workers: placement, liveness, and recreation after a loss.
+
+A Dask actor dies with its worker and nothing restarts it, so this module does:
+it places one `OperatorHost` actor per replica, watches which workers the
+scheduler still knows, turns a call to a replica on a lost worker into
+`ReplicaLost` (instead of a 30 s connect timeout), and recreates a lost replica
+on a live worker. What state the new replica needs (published weights, a
+trainer snapshot) is the executor's business: it knows which version is current.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Client
+
+from asyncflow.errors import AsyncflowError
+from asyncflow.graph import Node, WorkflowGraph
+from asyncflow.operators.base import OperatorContext
+from asyncflow.runtime.host import OperatorHost
+
+_LOST_ERRORS = (OSError, EOFError)  # distributed's CommClosedError is an OSError
+
+
+class ReplicaLost(AsyncflowError):
+    """The worker holding a replica is gone; the replica's in-flight work is lost."""
+
+    def __init__(self, operator: str, replica: int, worker: str, cause: str = ""):
+        self.operator, self.replica, self.worker, self.cause = operator, replica, worker, cause
+        detail = f": {cause}" if cause else ""
+        super().__init__(
+            f"operator {operator!r} replica {replica} lost with worker {worker}{detail}"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.operator, self.replica, self.worker, self.cause))
+
+
+@dataclass
+class Replica:
+    """One placed replica: which operator, which index, which actor on which worker."""
+
+    operator: str
+    index: int
+    actor: Any  # distributed.Actor proxy of an OperatorHost
+    worker: str
+    version: int | None = None  # weight version it holds, when it has weights
+    generation: int = 0  # how many times it was recreated
+
+
+class ReplicaPool:
+    """All replicas of a workflow, keyed by operator name."""
+
+    def __init__(
+        self,
+        client: Client,
+        graph: WorkflowGraph,
+        *,
+        seed: int,
+        run_dir,
+        torch_threads: int = 1,
+        token: str = "",
+        poll_seconds: float = 0.5,
+    ):
+        self.client = client
+        self.graph = graph
+        self.seed = seed
+        self.run_dir = run_dir
+        self.torch_threads = torch_threads
+        self.token = token
+        self.replicas: dict[str, list[Replica]] = {}
+        self._live: set[str] = set(self._workers())
+        self._poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._monitor: threading.Thread | None = None
+
+    # -- placement ------------------------------------------------------------------------
+
+    def place_all(self, spread: Iterable[str] = ()) -> None:
+        """One actor per replica, round-robin over the workers able to run it.
+
+        Operators named in `spread` (data-parallel trainers: one process-group rank per
+        process) get each replica on a different worker, and fail early if there are
+        fewer workers than replicas.
+        """
+        spread = set(spread)
+        cursor = 0  # consecutive replicas land on consecutive (so distinct) workers
+        pending = []
+        for name in self.graph.order():
+            node = self.graph.nodes[name]
+            candidates = self._candidates(node)
+            if name in spread and node.replicas > len(candidates):
+                raise AsyncflowError(
+                    f"operator {name!r}: {node.replicas} data-parallel replicas need as many "
+                    f"worker processes, the cluster has {len(candidates)}"
+                )
+            for index in range(node.replicas):
+                worker = candidates[(cursor + index) % len(candidates)]
+                pending.append((node, index, worker, self._submit(node, index, worker, 0)))
+            cursor += node.replicas
+        for node, index, worker, future in pending:
+            actor = future.result()
+            self.replicas.setdefault(node.name, []).append(Replica(node.name, index, actor, worker))
+        self._monitor = threading.Thread(target=self._watch, name="asyncflow-liveness", daemon=True)
+        self._monitor.start()
+
+    def _submit(self, node: Node, index: int, worker: str, generation: int):
+        ctx = OperatorContext(
+            name=node.name,
+            replica=index,
+            num_replicas=node.replicas,
+            seed=self.seed * 1000 + index,
+            run_dir=self.run_dir,
+            worker=worker,
+        )
+        return self.client.submit(
+            OperatorHost,
+            node.operator,
+            ctx,
+            self.torch_threads,
+            actor=True,
+            workers=[worker],
+            allow_other_workers=False,
+            key=f"asyncflow-{node.name}-{index}-g{generation}-{self.token}",
+        )
+
+    def _candidates(self, node: Node) -> list[str]:
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        need = node.resources
+        ok = [
+            address
+            for address, w in sorted(info.items())
+            if all(w.get("resources", {}).get(k, 0) >= v for k, v in need.items())
+        ]
+        if not ok:
+            raise AsyncflowError(
+                f"operator {node.name!r} needs resources {need}; no worker offers them "
+                f"(start workers with e.g. `dask worker --resources GPU=1`)"
+            )
+        return ok
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def _workers(self) -> list[str]:
+        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll_seconds):
+            try:
+                live = set(self._workers())
+            except Exception:  # the client is closing
+                return
+            with self._lock:
+                self._live = live
+
+    def is_live(self, replica: Replica) -> bool:
+        with self._lock:
+            return replica.worker in self._live
+
+    def mark_lost(self, worker: str) -> None:
+        with self._lock:
+            self._live.discard(worker)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def wait(self, replica: Replica, future: Any) -> Any:
+        """The result of an actor call, or `ReplicaLost` as soon as its worker is gone."""
+        while True:
+            if not self.is_live(replica):
+                raise ReplicaLost(replica.operator, replica.index, replica.worker)
+            try:
+                return future.result(timeout=self._poll_seconds)
+            except TimeoutError:
+                continue
+            except _LOST_ERRORS as exc:
+                self.mark_lost(replica.worker)
+                raise ReplicaLost(
+                    replica.operator, replica.index, replica.worker, repr(exc)
+                ) from exc
+
+    def call(self, replica: Replica, method: str, *args: Any) -> Any:
+        if not self.is_live(replica):
+            raise ReplicaLost(replica.operator, replica.index, replica.worker)
+        try:
+            future = getattr(replica.actor, method)(*args)
+        except _LOST_ERRORS as exc:
+            self.mark_lost(replica.worker)
+            raise ReplicaLost(replica.operator, replica.index, replica.worker, repr(exc)) from exc
+        return self.wait(replica, future)
+
+    def call_all(self, replicas: list[Replica], method: str, *args: Any) -> list[Any]:
+        """Call every replica at once (collectives need all ranks inside), then wait for all."""
+        futures = []
+        for replica in replicas:
+            if not self.is_live(replica):
+                raise ReplicaLost(replica.operator, replica.index, replica.worker)
+            futures.append(getattr(replica.actor, method)(*args))
+        return [self.wait(r, f) for r, f in zip(replicas, futures, strict=True)]
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def recreate(
+        self, replica: Replica, *, avoid: Iterable[str] = (), timeout: float = 120.0
+    ) -> Replica:
+        """A new actor for a lost replica, on a live worker (waits for the nanny's restart)."""
+        node = self.graph.nodes[replica.operator]
+        avoid = set(avoid)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._live = set(self._workers())
+            candidates = [w for w in self._candidates(node) if w not in avoid]
+            if candidates:
+                break
+            if time.monotonic() > deadline:
+                raise AsyncflowError(
+                    f"operator {replica.operator!r} replica {replica.index}: no live worker to "
+                    f"recreate it on after {timeout:.0f}s"
+                )
+            time.sleep(self._poll_seconds)
+        load = {w: 0 for w in candidates}
+        for replicas in self.replicas.values():
+            for other in replicas:
+                if other.worker in load:
+                    load[other.worker] += 1
+        worker = min(candidates, key=lambda w: (load[w], w))
+        generation = replica.generation + 1
+        actor = self._submit(node, replica.index, worker, generation).result()
+        new = Replica(replica.operator, replica.index, actor, worker, None, generation)
+        self.replicas[replica.operator][replica.index] = new
+        return new
