@@ -185,11 +185,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"asyncflow: {args.workflow}, {cfg.steps} steps, {args.mode} mode, run dir {run_dir}",
         flush=True,
     )
+    observers: list = []  # RunObservers chosen by the command line (progress, metrics, ...)
     with connect(cluster) as client:
         options = {
             "checkpoint_every": args.checkpoint_every,
             "resume": args.resume is not None,
             "config": json.loads(config_json),
+            "workflow_name": args.workflow,
+            "observers": observers,
         }
         if args.mode == "async":
             executor = AsyncExecutor(

@@ -43,6 +43,7 @@ class RunInfo:
     max_staleness: int = 0
     first_step: int = 0  # > 0 when resuming
     config: dict[str, Any] = field(default_factory=dict)  # the workflow config (JSON-able)
+    workflow_name: str | None = None  # registry name (`asyncflow run NAME`), when known
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class RunObserver:
 
     def weights_loaded(self, operator: str, replica: int, version: int) -> None:
         """A replica now runs with this weight version."""
+
+    def state_saved(self, operator: str, step: int, tensors: dict[str, Any], meta: dict) -> None:
+        """A trainer's full state (weights, optimizer; safetensors-able tensors + JSON meta)
+        after `step` (-1 / first step - 1: before training). Do not modify the tensors."""
 
     def step_finished(self, record: dict[str, Any]) -> None:
         """A step is complete: its metrics record (also written to metrics.jsonl)."""
@@ -134,6 +139,9 @@ class Observers(RunObserver):
 
     def weights_loaded(self, operator: str, replica: int, version: int) -> None:
         self._call("weights_loaded", operator, replica, version)
+
+    def state_saved(self, operator: str, step: int, tensors: dict[str, Any], meta: dict) -> None:
+        self._call("state_saved", operator, step, tensors, meta)
 
     def step_finished(self, record: dict[str, Any]) -> None:
         self._call("step_finished", record)

@@ -71,6 +71,7 @@ class Executor:
         resume: bool = False,
         max_staleness: int = 0,
         config: dict[str, Any] | None = None,
+        workflow_name: str | None = None,
     ):
         self.recipe = recipe
         self.client = client
@@ -85,6 +86,7 @@ class Executor:
         self.resume = resume
         self.max_staleness = max_staleness
         self.config = config or {}
+        self.workflow_name = workflow_name
         self.queue = TransferQueue()
         self.pool = ReplicaPool(
             client,
@@ -156,6 +158,7 @@ class Executor:
         weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         version = int(meta["version"])
         self.published[name] = (version, weights)
+        self.observers.state_saved(name, -1 if step is None else step, tensors, meta)
         self.observers.weights_published(name, version, weights)
         return tensors, meta
 
@@ -220,6 +223,7 @@ class Executor:
             max_staleness=self.max_staleness,
             first_step=first_step,
             config=self.config,
+            workflow_name=self.workflow_name,
         )
 
     def _run_steps(self, first_step: int, result: RunResult) -> None:
