@@ -1,4 +1,4 @@
-"""The async streaming executor on a real LocalCluster: staleness bound, overlap, exactly-once
+"""The executors on a real LocalCluster: staleness bound, overlap, exactly-once
 training, recovery from a killed worker, and failures that stop the run cleanly."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from asyncflow.errors import OperatorError
 from asyncflow.runtime.events import RunObserver
+from asyncflow.runtime.executor import SyncExecutor
 from asyncflow.runtime.report import read_metrics
 from asyncflow.runtime.streaming import AsyncExecutor
 from asyncflow.workflows import grpo, ppo
@@ -134,13 +135,22 @@ def own_cluster():
         yield client
 
 
-@pytest.mark.parametrize("victim", ["actor", "rollout"])
-def test_a_killed_worker_is_survived_and_every_sample_trained_once(own_cluster, tmp_path, victim):
+@pytest.mark.parametrize(
+    ("mode", "victim"), [("async", "actor"), ("async", "rollout"), ("sync", "actor")]
+)
+def test_a_killed_worker_is_survived_and_every_sample_trained_once(
+    own_cluster, tmp_path, mode, victim
+):
     cfg = replace(SMALL, steps=5)
     planted = Planted(own_cluster, victim, after=5)
-    result = AsyncExecutor(
-        grpo.recipe(cfg, tmp_path), own_cluster, tmp_path, max_staleness=1, observers=[planted]
-    ).run()
+    recipe = grpo.recipe(cfg, tmp_path)
+    if mode == "async":
+        executor = AsyncExecutor(
+            recipe, own_cluster, tmp_path, max_staleness=1, observers=[planted]
+        )
+    else:
+        executor = SyncExecutor(recipe, own_cluster, tmp_path, observers=[planted])
+    result = executor.run()
 
     assert planted.killed is not None
     assert result.recoveries, "the run should say what it recovered from"

@@ -36,7 +36,7 @@ from asyncflow.runtime.checkpoint import State, latest_checkpoint, load_checkpoi
 from asyncflow.runtime.cluster import dashboard_url
 from asyncflow.runtime.events import Dispatch, Observers, RunInfo, RunObserver
 from asyncflow.runtime.queue import Lease, TransferQueue, samplers
-from asyncflow.runtime.replicas import Replica, ReplicaPool
+from asyncflow.runtime.replicas import Replica, ReplicaLost, ReplicaPool
 from asyncflow.runtime.report import RunReporter
 from asyncflow.workflows.recipe import Recipe
 
@@ -119,9 +119,9 @@ class Executor:
     def _run_on_cluster(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.client.submit(fn, *args, pure=False).result()
 
-    def _join_groups(self) -> None:
+    def _join_groups(self, names: list[str] | None = None) -> None:
         """Data-parallel trainers (replicas > 1) form a torch.distributed group, freshly."""
-        for name in self.trainers:
+        for name in self.trainers if names is None else names:
             ranks = self.pool.replicas[name]
             if len(ranks) < 2:
                 continue
@@ -326,8 +326,9 @@ class Executor:
         self.recoveries.append(message)
         return new
 
-    def _restore_trainer(self, name: str, why: str) -> None:
-        """Put every rank of a trainer back to its last snapshot (recreating lost ranks)."""
+    def _restore_trainer(self, name: str, why: str, step: int | None = None) -> None:
+        """Put every rank of a trainer back to its state before `step` (default: its last
+        snapshot), recreating lost ranks; its published weights go back with it."""
         ranks = self.pool.replicas[name]
         for i, replica in enumerate(list(ranks)):
             if not self.pool.is_live(replica):
@@ -335,21 +336,52 @@ class Executor:
         for replica in ranks:
             self.pool.call(replica, "discard_step")
         if len(ranks) > 1:
-            self._join_groups()
-        tensors, meta = self.snapshots[name]
+            self._join_groups([name])
+        kept = self.step_snapshots.get(name, {})
+        tensors, meta = self.snapshots[name] if step is None else kept[step - 1]
         self.pool.call_all(ranks, "restore_state", tensors, meta)
         for replica in ranks:
             replica.version = int(meta["version"])
+        self.snapshots[name] = (tensors, meta)
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.published[name] = (int(meta["version"]), weights)
 
 
 class SyncExecutor(Executor):
     mode = "sync"
 
+    max_step_attempts = 4  # a step is redone after a worker loss, up to this many times
+
     def _run_steps(self, first_step: int, result: RunResult) -> None:
         for step in range(first_step, self.recipe.steps):
-            record = self.run_step(step, result)
+            for attempt in range(self.max_step_attempts):
+                try:
+                    record = self.run_step(step, result)
+                    break
+                except ReplicaLost as exc:
+                    if attempt + 1 == self.max_step_attempts:
+                        raise
+                    self._redo_step(step, exc)
             self._finish_step(record, result)
             self.queue.clear(step)
+
+    def _redo_step(self, step: int, lost: ReplicaLost) -> None:
+        """A worker died mid-step: recreate what was lost, put every trainer back to the
+        end of the previous step, and run the step again from its source rows. Leases of
+        trainers are acked only after their optimizer step, so nothing is trained twice."""
+        why = lost.cause or "worker gone"
+        for name in self.graph.order():
+            if name in self.trainers:
+                continue
+            replicas = self.pool.replicas[name]
+            for i, replica in enumerate(list(replicas)):
+                if not self.pool.is_live(replica):
+                    replicas[i] = self._recover(replica, why)
+        for name in self.trainers:
+            self._restore_trainer(name, why, step)
+        self._sync_weights()
+        self.queue.clear(step)
+        self.reporter.info(f"step {step + 1}: redone after losing a worker")
 
     def run_step(self, step: int, result: RunResult | None = None) -> dict[str, Any]:
         start = time.perf_counter()
