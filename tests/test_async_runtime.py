@@ -193,3 +193,20 @@ def test_operator_error_stops_the_async_run_naming_samples(dask_client, tmp_path
             executor.queue.gather(step, ["prompt_ids", "response_ids"], ids)
             ready |= {int(i) for i in ids}
     assert generated and generated == ready
+
+
+def test_placement_needs_a_worker_offering_the_resources(dask_client, tmp_path):
+    from asyncflow.errors import AsyncflowError
+
+    cfg = replace(SMALL, steps=1)
+    recipe = grpo.recipe(cfg, tmp_path)
+    wf = recipe.workflow
+    rebuilt = type(wf)("grpo-gpu")
+    for node in wf.nodes:
+        resources = {"GPU": 1} if node.name == "actor" else {"threads": 1}
+        rebuilt.add(node.name, node.operator, replicas=node.replicas, resources=resources)
+    for source, target in wf.weight_syncs:
+        rebuilt.sync_weights(source, to=[target])
+    recipe.workflow = rebuilt
+    with pytest.raises(AsyncflowError, match=r"'actor' needs resources \{'GPU': 1.0\}"):
+        AsyncExecutor(recipe, dask_client, tmp_path).run()

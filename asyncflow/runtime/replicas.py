@@ -23,7 +23,10 @@ from asyncflow.graph import Node, WorkflowGraph
 from asyncflow.operators.base import OperatorContext
 from asyncflow.runtime.host import OperatorHost
 
-_LOST_ERRORS = (OSError, EOFError)  # distributed's CommClosedError is an OSError
+_LOST_ERRORS = (OSError, EOFError)
+# `resources={"threads": N}` on a node sets its replicas' torch threads; every other key is
+# a Dask worker resource (`dask worker --resources "GPU=1,train=1"`) the worker must offer.
+THREADS = "threads"  # distributed's CommClosedError is an OSError
 
 
 class ReplicaLost(AsyncflowError):
@@ -118,11 +121,12 @@ class ReplicaPool:
             run_dir=self.run_dir,
             worker=worker,
         )
+        threads = int(node.resources.get(THREADS, self.torch_threads))
         return self.client.submit(
             OperatorHost,
             node.operator,
             ctx,
-            self.torch_threads,
+            threads,
             actor=True,
             workers=[worker],
             allow_other_workers=False,
@@ -131,7 +135,7 @@ class ReplicaPool:
 
     def _candidates(self, node: Node) -> list[str]:
         info = self.client.scheduler_info(n_workers=-1)["workers"]
-        need = node.resources
+        need = {k: v for k, v in node.resources.items() if k != THREADS}
         ok = [
             address
             for address, w in sorted(info.items())
