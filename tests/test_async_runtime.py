@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from asyncflow.errors import OperatorError
 from asyncflow.runtime.events import RunObserver
@@ -210,3 +211,38 @@ def test_placement_needs_a_worker_offering_the_resources(dask_client, tmp_path):
     recipe.workflow = rebuilt
     with pytest.raises(AsyncflowError, match=r"'actor' needs resources \{'GPU': 1.0\}"):
         AsyncExecutor(recipe, dask_client, tmp_path).run()
+
+
+def test_async_checkpoint_and_resume_continue_the_run(dask_client, tmp_path):
+    """Async checkpoints hold the trainer's state at that step (not whatever it reached
+    since) and its targets' weights of the same version; resuming continues from there."""
+    cfg = replace(SMALL, steps=4)
+    AsyncExecutor(
+        grpo.recipe(replace(cfg, steps=3), tmp_path),
+        dask_client,
+        tmp_path,
+        max_staleness=2,
+        checkpoint_every=2,
+    ).run()
+    manifest = tmp_path / "checkpoints" / "step-000001" / "manifest.json"
+    assert manifest.exists()
+    import json
+
+    from safetensors.torch import load_file
+
+    saved = json.loads((tmp_path / "checkpoints" / "step-000001" / "actor-0.json").read_text())
+    assert saved["version"] == 2  # two optimizer steps, although the trainer ran on
+    rollout = json.loads((tmp_path / "checkpoints" / "step-000001" / "rollout-0.json").read_text())
+    assert rollout["version"] == 2
+    actor = load_file(str(tmp_path / "checkpoints" / "step-000001" / "actor-0.safetensors"))
+    rollout_w = load_file(str(tmp_path / "checkpoints" / "step-000001" / "rollout-0.safetensors"))
+    assert all(torch.equal(actor[k], rollout_w[k]) for k in rollout_w)
+
+    resumed = AsyncExecutor(
+        grpo.recipe(cfg, tmp_path), dask_client, tmp_path, max_staleness=2, resume=True
+    ).run()
+    assert [r["step"] for r in resumed.history] == [2, 3]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [0, 1, 2, 3]
+    assert [m["weight_version"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    first_resumed = min(resumed.trained["actor"][2])
+    assert first_resumed == json.loads(manifest.read_text())["next_sample_id"]
