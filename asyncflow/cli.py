@@ -66,6 +66,22 @@ def _parser() -> argparse.ArgumentParser:
         help="async mode: samples are trained at most S policy versions after the one "
         "that generated them (0: on-policy; default 1)",
     )
+    run.add_argument(
+        "--placement",
+        choices=("auto", "colocate", "disaggregate"),
+        default="auto",
+        help="colocate: every worker hosts a share of every operator; disaggregate: trainers "
+        "get worker processes of their own; auto: colocate in sync mode, disaggregate in "
+        "async mode (stages then run at the same time)",
+    )
+    run.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch threads per operator replica (default 1; a node's resources "
+        "{'threads': N} overrides it)",
+    )
     run.add_argument("--steps", type=int, help="training steps (default: the workflow's)")
     run.add_argument("--seed", type=int, help="run seed (default: the workflow's)")
     run.add_argument(
@@ -192,6 +208,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "resume": args.resume is not None,
             "config": json.loads(config_json),
             "workflow_name": args.workflow,
+            "placement": args.placement,
+            "torch_threads": args.torch_threads,
             "observers": observers,
         }
         if args.mode == "async":

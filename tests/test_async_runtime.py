@@ -86,9 +86,15 @@ def test_rollout_of_the_next_step_overlaps_training(dask_client, tmp_path):
     """With s = 1 the rollout of step k+1 starts before the trainer finished step k."""
     timeline = Timeline()
     cfg = replace(SMALL, steps=5)
-    AsyncExecutor(
+    executor = AsyncExecutor(
         grpo.recipe(cfg, tmp_path), dask_client, tmp_path, max_staleness=1, observers=[timeline]
-    ).run()
+    )
+    executor.run()
+    # async mode disaggregates by default: the trainer has a worker process of its own
+    replicas = executor.pool.replicas
+    trainer_workers = {r.worker for r in replicas["actor"]}
+    others = {r.worker for name, rs in replicas.items() if name != "actor" for r in rs}
+    assert trainer_workers and not trainer_workers & others
     ahead = [
         d
         for d in timeline.dispatches

@@ -53,6 +53,12 @@ class RunResult:
     recoveries: list[str] = field(default_factory=list)
 
 
+# colocate: every worker hosts a share of every operator (best when stages take turns,
+# as in sync mode); disaggregate: trainers get workers of their own (best when stages run
+# at the same time, as in async mode); auto: by mode.
+PLACEMENTS = ("auto", "colocate", "disaggregate")
+
+
 class Executor:
     """Shared set-up and tear-down; subclasses implement `_run_steps`."""
 
@@ -72,7 +78,10 @@ class Executor:
         max_staleness: int = 0,
         config: dict[str, Any] | None = None,
         workflow_name: str | None = None,
+        placement: str = "auto",
     ):
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.recipe = recipe
         self.client = client
         self.run_dir = Path(run_dir)
@@ -87,6 +96,7 @@ class Executor:
         self.max_staleness = max_staleness
         self.config = config or {}
         self.workflow_name = workflow_name
+        self.placement = placement
         self.queue = TransferQueue()
         self.pool = ReplicaPool(
             client,
@@ -172,7 +182,14 @@ class Executor:
         (self.run_dir / "workflow.json").write_text(
             json.dumps(self.graph.describe(), indent=2, sort_keys=True)
         )
-        self.pool.place_all(spread=[n for n in self.trainers if self.graph.nodes[n].replicas > 1])
+        disaggregate = self.placement == "disaggregate" or (
+            self.placement == "auto" and self.mode == "async"
+        )
+        where = self.pool.place_all(
+            spread=[n for n in self.trainers if self.graph.nodes[n].replicas > 1],
+            dedicated=self.trainers if disaggregate else (),
+        )
+        self.reporter.info(where)
         status = "failed"
         try:
             self._join_groups()

@@ -84,19 +84,28 @@ class ReplicaPool:
 
     # -- placement ------------------------------------------------------------------------
 
-    def place_all(self, spread: Iterable[str] = ()) -> None:
-        """One actor per replica, round-robin over the workers able to run it.
+    def place_all(self, spread: Iterable[str] = (), dedicated: Iterable[str] = ()) -> str:
+        """One actor per replica, round-robin over the workers able to run it; returns a
+        one-line description of where everything went.
 
         Operators named in `spread` (data-parallel trainers: one process-group rank per
         process) get each replica on a different worker, and fail early if there are
-        fewer workers than replicas.
+        fewer workers than replicas. Operators named in `dedicated` (disaggregated
+        placement, e.g. trainers) share workers of their own that nothing else uses, so
+        a rollout never competes with a trainer for a process (and its GIL); if the
+        cluster is too small for that, everything is colocated.
         """
-        spread = set(spread)
+        spread, dedicated = set(spread), set(dedicated)
+        workers = self._workers()
+        need = max((self.graph.nodes[n].replicas for n in dedicated), default=0)
+        own, rest = (workers[:need], workers[need:]) if 0 < need < len(workers) else ([], [])
         cursor = 0  # consecutive replicas land on consecutive (so distinct) workers
         pending = []
         for name in self.graph.order():
             node = self.graph.nodes[name]
             candidates = self._candidates(node)
+            pool = own if name in dedicated else rest
+            candidates = [w for w in candidates if w in pool] or candidates
             if name in spread and node.replicas > len(candidates):
                 raise AsyncflowError(
                     f"operator {name!r}: {node.replicas} data-parallel replicas need as many "
@@ -111,6 +120,19 @@ class ReplicaPool:
             self.replicas.setdefault(node.name, []).append(Replica(node.name, index, actor, worker))
         self._monitor = threading.Thread(target=self._watch, name="asyncflow-liveness", daemon=True)
         self._monitor.start()
+        return self.describe_placement(colocated=dedicated and not own)
+
+    def describe_placement(self, colocated: bool = False) -> str:
+        by_worker: dict[str, list[str]] = {}
+        for name, replicas in self.replicas.items():
+            for r in replicas:
+                label = name if len(replicas) == 1 else f"{name}[{r.index}]"
+                by_worker.setdefault(r.worker, []).append(label)
+        parts = [
+            f"{w.rsplit(':', 1)[-1]}: {', '.join(ops)}" for w, ops in sorted(by_worker.items())
+        ]
+        note = " (too few workers to disaggregate: colocated)" if colocated else ""
+        return "placement: " + " | ".join(parts) + note
 
     def _submit(self, node: Node, index: int, worker: str, generation: int):
         ctx = OperatorContext(
