@@ -10,7 +10,9 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
+from asyncflow.errors import OperatorError
 from asyncflow.operators.base import OperatorContext, WeightedOperator, Weights
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -96,6 +98,12 @@ class AccumulatingTrainer(ModelOperator):
     denominator, clips, steps AdamW and the LR schedule. So streaming micro-batches
     of any size or token count gives exactly the update of one batch, and no global
     batch size is needed up front.
+
+    Data parallel (`ctx.num_replicas > 1`, every rank in one torch.distributed group,
+    see `asyncflow.runtime.data_parallel`): `end_step` first sums the ranks' gradient
+    numerators and counters, so the division, clipping and AdamW step are those of one
+    batch holding every rank's rows, taken identically on every rank (the weights stay
+    bit-identical). Rows may be split over the ranks in any way, none at all included.
     """
 
     trains: ClassVar[bool] = True
@@ -168,8 +176,17 @@ class AccumulatingTrainer(ModelOperator):
             total = float((value.detach().float() * m).sum())
             self._token_sums[key] = self._token_sums.get(key, 0.0) + total
 
+    def discard_step(self) -> None:
+        """Drop a half-accumulated step (its rows will be redone after a failure)."""
+        self._reset_step()
+
     def end_step(self, step: int) -> dict[str, float]:
+        if self._is_data_parallel():
+            self._reduce_counters()  # every rank now holds the global counts
+            if self._rows > 0:  # the same decision on every rank: the count is global
+                self._reduce_gradients()
         if self._rows == 0:
+            self._reset_step()
             return {}
         scale = 1.0 / max(self._denominator, 1.0)
         for p in self.model.parameters():
@@ -191,3 +208,74 @@ class AccumulatingTrainer(ModelOperator):
         metrics[f"{prefix}/tokens"] = self._tokens
         self._reset_step()
         return metrics
+
+    # -- data parallel ----------------------------------------------------------------
+
+    def _is_data_parallel(self) -> bool:
+        """Whether this replica is one rank of several. Decided by the replica's own
+        context, not by whether the process is in a group: a single-replica trainer
+        sharing a worker process with a data-parallel one must not join its collectives.
+        """
+        ranks = self.ctx.num_replicas
+        if ranks <= 1:
+            return False
+        group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if group != ranks:
+            # training alone would silently let the replicas' weights drift apart
+            raise OperatorError(
+                self.operator_name,
+                f"replica {self.ctx.replica} of {ranks} data-parallel ranks, but its process "
+                f"group has {group} rank(s): join one first "
+                "(asyncflow.runtime.data_parallel.join)",
+            )
+        return True
+
+    def _reduce_counters(self) -> None:
+        """Sum the step's counters and token statistics over the ranks, and learn which
+        parameters got a gradient on any rank.
+
+        One all_gather of a small tuple per rank: it also agrees on the token-stat keys
+        (a rank that saw no rows has none), and every rank adds the same values in the
+        same (rank) order, so the sums are bit-identical everywhere.
+        """
+        params = list(self.model.parameters())
+        mine = (
+            self._rows,
+            self._tokens,
+            self._denominator,
+            self._loss_sum,
+            dict(self._token_sums),
+            [p.grad is not None for p in params],
+        )
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        self._rows = sum(r[0] for r in every)
+        self._tokens = sum((r[1] for r in every), 0.0)
+        self._denominator = sum((r[2] for r in every), 0.0)
+        self._loss_sum = sum((r[3] for r in every), 0.0)
+        keys = sorted(set().union(*(r[4] for r in every)))
+        self._token_sums = {k: sum((r[4].get(k, 0.0) for r in every), 0.0) for k in keys}
+        self._grad_on_any_rank = [any(r[5][i] for r in every) for i in range(len(params))]
+
+    def _reduce_gradients(self) -> None:
+        """Sum the gradient numerators over the ranks: one all-reduce per (dtype, device)
+        of all gradients flattened into one buffer, instead of one per parameter.
+
+        A parameter with a gradient on some rank but not on this one counts as zeros
+        here, so every rank reduces identical buffers; one with a gradient on no rank
+        stays without one, as it would in a single trainer (AdamW skips it).
+        """
+        buckets: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+        for p, used in zip(self.model.parameters(), self._grad_on_any_rank, strict=True):
+            if used:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        for params in buckets.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n

@@ -23,10 +23,19 @@ from asyncflow.graph import Node, WorkflowGraph
 from asyncflow.operators.base import OperatorContext
 from asyncflow.runtime.host import OperatorHost
 
-_LOST_ERRORS = (OSError, EOFError)
+_LOST_ERRORS = (OSError, EOFError, RuntimeError)  # CommClosedError is an OSError
+# distributed raises a bare RuntimeError("Worker holding Actor was lost") for a call on an
+# actor whose worker just died; only that message means "lost", other RuntimeErrors are real.
+_LOST_MESSAGE = "Worker holding Actor was lost"
+
+
+def _is_lost(exc: BaseException) -> bool:
+    return not isinstance(exc, RuntimeError) or _LOST_MESSAGE in str(exc)
+
+
 # `resources={"threads": N}` on a node sets its replicas' torch threads; every other key is
 # a Dask worker resource (`dask worker --resources "GPU=1,train=1"`) the worker must offer.
-THREADS = "threads"  # distributed's CommClosedError is an OSError
+THREADS = "threads"
 
 
 class ReplicaLost(AsyncflowError):
@@ -142,6 +151,7 @@ class ReplicaPool:
             seed=self.seed * 1000 + index,
             run_dir=self.run_dir,
             worker=worker,
+            run_seed=self.seed,
         )
         threads = int(node.resources.get(THREADS, self.torch_threads))
         return self.client.submit(
@@ -205,6 +215,8 @@ class ReplicaPool:
             except TimeoutError:
                 continue
             except _LOST_ERRORS as exc:
+                if not _is_lost(exc):
+                    raise
                 self.mark_lost(replica.worker)
                 raise ReplicaLost(
                     replica.operator, replica.index, replica.worker, repr(exc)
@@ -216,6 +228,8 @@ class ReplicaPool:
         try:
             future = getattr(replica.actor, method)(*args)
         except _LOST_ERRORS as exc:
+            if not _is_lost(exc):
+                raise
             self.mark_lost(replica.worker)
             raise ReplicaLost(replica.operator, replica.index, replica.worker, repr(exc)) from exc
         return self.wait(replica, future)
