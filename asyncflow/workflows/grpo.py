@@ -21,6 +21,7 @@ from asyncflow.errors import ConfigError
 from asyncflow.graph import Workflow
 from asyncflow.operators.estimate import GroupAdvantage
 from asyncflow.operators.generation import SamplingParams, generate
+from asyncflow.operators.hf import HFModelSpec
 from asyncflow.operators.model import CausalLM, ModelConfig
 from asyncflow.operators.policy import ModelSpec
 from asyncflow.operators.rollout import Generate
@@ -38,6 +39,8 @@ class GRPOConfig:
     group_size: int = 8  # responses sampled per prompt
     micro_batch_size: int = 64  # rows per micro-batch handed to a replica
     rollout_replicas: int = 2
+    # > 1: data-parallel actor ranks (one gloo group, gradients all-reduced each step)
+    actor_replicas: int = 1
     temperature: float = 1.0
     lr: float = 3e-4
     clip_eps: float = 0.2
@@ -50,6 +53,9 @@ class GRPOConfig:
     )
     warmstart_steps: int = 300  # SFT steps before RL: enough to be partly competent
     init: str | None = None  # safetensors policy to start from instead of the warm start
+    # a local transformers model directory (save_pretrained) as the policy instead of the
+    # native model; its weights are the start (no warm start). Same ids as the task tokenizer.
+    hf_model: str | None = None
 
 
 def build(cfg: GRPOConfig, init_path: str | None = None) -> Workflow:
@@ -59,7 +65,10 @@ def build(cfg: GRPOConfig, init_path: str | None = None) -> Workflow:
             f"model vocab_size {cfg.model.vocab_size} != task tokenizer's "
             f"{cfg.task.tokenizer.vocab_size}"
         )
-    policy = ModelSpec(cfg.model, init_path)
+    if cfg.hf_model is not None:
+        policy = HFModelSpec(path=cfg.hf_model)
+    else:
+        policy = ModelSpec(cfg.model, init_path)
     tok = cfg.task.tokenizer
     sampling = SamplingParams(cfg.task.max_answer_tokens, cfg.temperature, tok.eos_id, tok.pad_id)
 
@@ -79,6 +88,7 @@ def build(cfg: GRPOConfig, init_path: str | None = None) -> Workflow:
             clip_eps=cfg.clip_eps,
             kl_coef=cfg.kl_coef,
         ),
+        replicas=cfg.actor_replicas,
     )
     wf.sync_weights("actor", to=["rollout"])
     return wf
@@ -86,6 +96,8 @@ def build(cfg: GRPOConfig, init_path: str | None = None) -> Workflow:
 
 def recipe(cfg: GRPOConfig, run_dir: Path, build_fn=None) -> Recipe:
     """Everything a run needs; `build_fn` swaps the graph (e.g. PPO's) around the same task."""
+    if cfg.hf_model is not None and build_fn is not None:
+        raise ConfigError("hf_model: only the grpo graph builds a transformers policy")
     return Recipe(
         workflow=(build_fn or build)(cfg, cfg.init),
         steps=cfg.steps,
@@ -96,7 +108,7 @@ def recipe(cfg: GRPOConfig, run_dir: Path, build_fn=None) -> Recipe:
         step_metrics=step_metrics,
         trainer="actor",
         model_config=cfg.model,
-        prepare=None if cfg.init else partial(warm_start, cfg),
+        prepare=None if cfg.init or cfg.hf_model else partial(warm_start, cfg),
         prepare_targets=("rollout", "actor", "ref") if cfg.kl_coef > 0 else ("rollout", "actor"),
         evaluate=partial(evaluate, cfg),
     )
@@ -131,7 +143,7 @@ def warm_start(cfg: GRPOConfig) -> tuple[dict, dict[str, float]]:
 
 def evaluate(cfg: GRPOConfig, weights: dict) -> dict[str, float]:
     """Greedy accuracy on the held-out problems (never sampled for training)."""
-    model = CausalLM(cfg.model)
+    model = HFModelSpec(path=cfg.hf_model).build() if cfg.hf_model else CausalLM(cfg.model)
     model.load_state_dict(weights)
     task, tok = cfg.task, cfg.task.tokenizer
     problems = task.heldout()

@@ -57,6 +57,7 @@ def build(cfg: PPOConfig, init_path: str | None = None) -> Workflow:
             clip_eps=cfg.clip_eps,
             token_advantages=True,
         ),
+        replicas=cfg.actor_replicas,
     )
     wf.add(
         "critic",
