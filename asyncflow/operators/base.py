@@ -31,6 +31,7 @@ class OperatorContext:
     run_dir: Path | None = None
     worker: str = "local"
     extra: dict[str, Any] = field(default_factory=dict)
+    run_seed: int = 0  # the run's seed (recipe.seed), the same on every replica
 
 
 class Operator:

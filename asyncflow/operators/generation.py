@@ -8,9 +8,11 @@ model satisfying `model.CausalLMLike` works: the native `CausalLM` or a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +82,61 @@ def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * logp, torch.zeros_like(logp)).sum(dim=-1)
 
 
+# --- per-row random streams ----------------------------------------------------------------
+# A row's sampling randomness is a SplitMix64 stream keyed by that row alone: the uniform
+# for its t-th new token is mix64(key + (t + 1) * GOLDEN). So a row's tokens depend on its
+# key, its prompt and the weights, never on which other rows share its micro-batch, which
+# replica ran it, or in which order. Counter-based, so a whole (rows x tokens) matrix of
+# uniforms costs a few vectorised numpy operations (microseconds), not a generator per row.
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (multiplication wraps modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def row_seeds(run_seed: int, row_ids: Iterable[int]) -> list[int]:
+    """64-bit stream keys for rows: a hash of (run seed, row id), e.g. the sample id, which
+    is unique per row across a run. Hashing (not adding) keeps neighbouring ids' streams
+    apart."""
+    return [
+        int.from_bytes(
+            hashlib.blake2b(f"{int(run_seed)}:{int(i)}".encode(), digest_size=8).digest(), "little"
+        )
+        for i in row_ids
+    ]
+
+
+def row_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """(len(seeds), steps) float64 uniforms in [0, 1): row i's stream, tokens 0..steps-1."""
+    keys = np.array([int(s) & _MASK64 for s in seeds], dtype=np.uint64)
+    counters = np.arange(1, steps + 1, dtype=np.uint64) * _GOLDEN
+    z = _mix64(keys[:, None] + counters[None, :])
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def _sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from probs (B, V), given one uniform per row u (B,) in [0, 1).
+
+    The token is the first whose cumulative mass exceeds u * total: tokens of
+    probability 0 (filtered by top-k/top-p) have an empty interval and are never chosen.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(1)  # (B,)
+    V = probs.shape[-1]
+    over = idx >= V  # only when rounding put x on the total: take the last possible token
+    if bool(over.any()):
+        last = V - 1 - (probs > 0).flip(-1).long().argmax(dim=-1)
+        idx = torch.where(over, last, idx)
+    return idx
+
+
 @torch.no_grad()
 def generate(
     model: CausalLMLike,
@@ -88,12 +145,17 @@ def generate(
     generator: torch.Generator | None = None,
     *,
     return_entropy: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> Generation:
     """Sample continuations of ragged prompts, decoding one token per step with a KV cache.
 
     With `params.n > 1` each prompt is sampled n times and the rows come back
     grouped (prompt 0 x n, then prompt 1 x n, ...). The same generator seed, prompts
     and weights give the same tokens.
+
+    `seeds` (one 64-bit key per returned row, e.g. from `row_seeds`) gives every row
+    its own random stream instead of sharing `generator`: a row's tokens then depend
+    on its key, prompt and the weights only, whatever batch it is sampled in.
     """
     model.eval()
     for i, p in enumerate(prompts):
@@ -101,8 +163,15 @@ def generate(
             raise ValueError(f"prompt {i} is empty")
     rows = [p for p in prompts for _ in range(params.n)]
     B = len(rows)
+    if seeds is not None and len(seeds) != B:
+        raise ValueError(f"seeds: one per row ({B} = prompts x n), got {len(seeds)}")
     if B == 0:
         return Generation([], [], [] if return_entropy else None)
+    uniforms = (
+        row_uniforms(seeds, params.max_new_tokens)
+        if seeds is not None and params.temperature > 0
+        else None
+    )
     width = max(len(p) for p in rows)
     input_ids = torch.full((B, width), params.pad_id, dtype=torch.long)
     mask = torch.zeros((B, width), dtype=torch.long)
@@ -122,7 +191,10 @@ def generate(
             scaled = step_logits / params.temperature
             logp = F.log_softmax(scaled, dim=-1)  # the tempered policy
             sample_logp = F.log_softmax(top_k_top_p_filter(scaled, params.top_k, params.top_p), -1)
-            nxt = torch.multinomial(sample_logp.exp(), 1, generator=generator).squeeze(1)  # (B,)
+            if uniforms is not None:
+                nxt = _sample_inverse_cdf(sample_logp.exp(), uniforms[:, t])  # (B,)
+            else:
+                nxt = torch.multinomial(sample_logp.exp(), 1, generator=generator).squeeze(1)
             if params.truncated_logprobs:
                 logp = sample_logp
         else:
