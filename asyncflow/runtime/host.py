@@ -53,8 +53,12 @@ class OperatorHost:
         return await self._on_thread(self._process, batch)
 
     def _process(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, float]:
+        # per-operator time for the dashboard's Fine Performance Metrics (observe/spans.py)
+        from asyncflow.runtime.observe.spans import meter
+
         sample_ids = batch.column("sample_id").to_pylist()
         start = time.perf_counter()
+        cpu_start = time.thread_time()
         try:
             output = self.operator(batch)
         except OperatorError:
@@ -63,6 +67,7 @@ class OperatorHost:
             raise OperatorError(self.ctx.name, f"raised {exc!r}", sample_ids) from exc
         checked = check_output(self.ctx.name, self.operator.writes, output, sample_ids)
         elapsed = time.perf_counter() - start
+        meter(self.ctx.name, elapsed, time.thread_time() - cpu_start)
         self.busy_seconds += elapsed
         self.calls += 1
         return checked, elapsed
