@@ -22,7 +22,7 @@ class WorkflowEntry:
 
 
 def registry() -> dict[str, WorkflowEntry]:
-    from asyncflow.workflows import grpo, ppo
+    from asyncflow.workflows import grpo, ppo, simulated
 
     def variant(advantage: str) -> type:
         """The GRPO recipe with another per-sample advantage estimator as its default."""
@@ -41,6 +41,9 @@ def registry() -> dict[str, WorkflowEntry]:
     ):
         entries[name] = WorkflowEntry(variant(name), grpo.build, grpo.recipe, summary)
     entries["ppo"] = WorkflowEntry(ppo.PPOConfig, ppo.build, ppo.recipe, "PPO (critic + GAE)")
+    entries["simulated"] = WorkflowEntry(
+        simulated.SimConfig, simulated.build, simulated.recipe, "modelled costs (benchmarks)"
+    )
     return entries
 
 
