@@ -11,6 +11,8 @@ import typing
 from pathlib import Path
 
 from asyncflow.errors import AsyncflowError, ConfigError
+from asyncflow.runtime.observe import commands as observe_commands
+from asyncflow.runtime.record import commands as record_commands
 from asyncflow.workflows import lookup, registry
 
 
@@ -96,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="interface the embedded cluster binds (localhost)"
     )
     _add_overrides(run)
+    observe_commands.add_run_options(run)  # --progress, --no-dashboard-page
+    record_commands.add_run_options(run)  # --no-record, --record-cap
     run.set_defaults(handler=_cmd_run)
 
     graph = sub.add_parser("graph", help="print a workflow's validated DAG")
@@ -103,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of text")
     _add_overrides(graph)
     graph.set_defaults(handler=_cmd_graph)
+
+    observe_commands.add_plot_command(sub)  # asyncflow plot RUN_DIR
+    record_commands.add_commands(sub)  # asyncflow replay, asyncflow inspect
     return parser
 
 
@@ -202,6 +209,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     observers: list = []  # RunObservers chosen by the command line (progress, metrics, ...)
+    record_commands.attach(args, run_dir, observers)  # RUN_DIR/record, unless --no-record
+    reporter = observe_commands.attach(args, run_dir, cfg.steps, observers)  # page, files
     with connect(cluster) as client:
         options = {
             "checkpoint_every": args.checkpoint_every,
@@ -211,6 +220,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "placement": args.placement,
             "torch_threads": args.torch_threads,
             "observers": observers,
+            "reporter": reporter,
         }
         if args.mode == "async":
             executor = AsyncExecutor(
