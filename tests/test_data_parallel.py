@@ -8,12 +8,14 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from distributed import Client, LocalCluster
+from safetensors.torch import load_file
 
 from asyncflow.errors import OperatorError
 from asyncflow.operators.base import OperatorContext
@@ -22,7 +24,12 @@ from asyncflow.operators.policy import ModelSpec
 from asyncflow.operators.training import OptimConfig
 from asyncflow.operators.update import PolicyUpdate
 from asyncflow.runtime import data_parallel
+from asyncflow.runtime.events import RunObserver
+from asyncflow.runtime.executor import SyncExecutor
 from asyncflow.runtime.host import OperatorHost
+from asyncflow.runtime.report import read_metrics
+from asyncflow.runtime.streaming import AsyncExecutor
+from asyncflow.workflows import grpo
 
 CFG = ModelConfig(vocab_size=14, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
 SEED = 3
@@ -244,3 +251,59 @@ def test_a_rank_killed_mid_all_reduce_fails_the_survivor_fast_and_it_regroups(cl
     dp_metrics = dp_step([survivor, replacement], per_rank, 0)
     single_metrics = single_step(single, [b for bs in per_rank for b in bs], 0)
     assert_ranks_match_single([survivor, replacement], single, dp_metrics, single_metrics)
+
+
+# -- through the executors: a workflow whose actor has two data-parallel ranks --------------
+
+
+class ActorDispatches(RunObserver):
+    def __init__(self):
+        self.replicas: list[int] = []
+
+    def dispatched(self, d):
+        if d.operator == "actor":
+            self.replicas.append(d.replica)
+
+
+DP_RUN = grpo.GRPOConfig(
+    steps=3, prompts_per_step=8, group_size=4, micro_batch_size=8, warmstart_steps=20
+)
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final.safetensors"))
+
+
+def test_sync_run_with_two_actor_ranks_takes_the_single_trainer_update(dask_client, tmp_path):
+    """Step 0's rows are sampled from the same start weights either way, so its update
+    (and so the weights after one step) must match a single actor's to float rounding."""
+    one = replace(DP_RUN, steps=1)
+    SyncExecutor(grpo.recipe(one, tmp_path / "one"), dask_client, tmp_path / "one").run()
+    seen = ActorDispatches()
+    two = replace(one, actor_replicas=2)
+    result = SyncExecutor(
+        grpo.recipe(two, tmp_path / "two"), dask_client, tmp_path / "two", observers=[seen]
+    ).run()
+
+    assert sorted(set(seen.replicas)) == [0, 1], "both ranks should get micro-batches"
+    assert sorted(result.trained["actor"][0]) == list(range(32))
+    expected, got = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    assert read_metrics(tmp_path / "two")[0]["actor/rows"] == 32.0  # global, not per rank
+
+
+def test_async_run_with_two_actor_ranks_trains_every_sample_once(dask_client, tmp_path):
+    seen = ActorDispatches()
+    cfg = replace(DP_RUN, actor_replicas=2)
+    result = AsyncExecutor(
+        grpo.recipe(cfg, tmp_path), dask_client, tmp_path, max_staleness=1, observers=[seen]
+    ).run()
+
+    assert sorted(set(seen.replicas)) == [0, 1]
+    trained = [i for step in range(cfg.steps) for i in result.trained["actor"][step]]
+    assert sorted(trained) == list(range(cfg.steps * 32))  # none lost, none twice
+    metrics = read_metrics(tmp_path)
+    assert [m["actor/rows"] for m in metrics] == [32.0] * cfg.steps
+    assert all(m["staleness/max"] <= 1 for m in metrics)
