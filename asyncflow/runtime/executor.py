@@ -447,11 +447,32 @@ class SyncExecutor(Executor):
         self.queue.seal(step)
         self.observers.rows_added(step, _with_ids(batch, ids))
 
-    def _lease_all(self, node: Node, step: int) -> list[Lease]:
+    def _lease_all(self, node: Node, step: int) -> list[Lease | None]:
+        """Every ready micro-batch of the step for `node`, in the order of its replicas.
+
+        Data-parallel trainer ranks step together, so the slowest rank sets the pace:
+        their micro-batches come from `get_group`, one lease per rank with equal token
+        sums, and lease i goes to rank i % ranks (see `_dispatch`).
+        """
         sampler = samplers.group_preserving if node.operator.needs_whole_groups else None
         batch_size = None if sampler is not None else self.recipe.micro_batch_size
+        ranks = len(self.pool.replicas[node.name])
+        data_parallel = ranks > 1 and _trains(node.operator)
         leases: list[Lease] = []
         while True:
+            if data_parallel:
+                group = self.queue.get_group(
+                    node.name,
+                    list(node.reads),
+                    step,
+                    ranks=ranks,
+                    batch_size=None if batch_size is None else batch_size * ranks,
+                    sampler=sampler or samplers.sequential,
+                )
+                if not group:
+                    break
+                leases.extend(group + [None] * (ranks - len(group)))  # keep rank alignment
+                continue
             lease = self.queue.get(
                 node.name,
                 list(node.reads),
@@ -462,16 +483,21 @@ class SyncExecutor(Executor):
             if lease is None:
                 break
             leases.append(lease)
-        if not leases:
+        if not any(leases):
             missing = list(node.reads)
             raise OperatorError(node.name, f"step {step}: no rows had its inputs {missing}")
         return leases
 
-    def _dispatch(self, node: Node, step: int, leases: list[Lease]) -> list[tuple[Lease, Any]]:
-        """Run the leases on the replicas in parallel; returns (lease, output) in order."""
+    def _dispatch(
+        self, node: Node, step: int, leases: list[Lease | None]
+    ) -> list[tuple[Lease, Any]]:
+        """Run the leases on the replicas in parallel (lease i on replica i % replicas;
+        None leaves that replica out of a round); returns (lease, output) in order."""
         replicas = self.pool.replicas[node.name]
         sent = []
         for i, lease in enumerate(leases):
+            if lease is None:
+                continue
             replica = replicas[i % len(replicas)]
             sent.append((lease, replica, time.time(), replica.actor.process(lease.batch)))
         done = []
@@ -498,7 +524,7 @@ class SyncExecutor(Executor):
     def _run_stage(self, node: Node, step: int) -> None:
         """Lease every ready micro-batch, run them on the replicas in parallel, store results."""
         leases = self._lease_all(node, step)
-        unacked = list(leases)
+        unacked = [lease for lease in leases if lease is not None]
         try:
             for lease, output in self._dispatch(node, step, leases):
                 if output.num_columns:  # sinks only consume
@@ -512,9 +538,10 @@ class SyncExecutor(Executor):
 
     def _train_stage(self, node: Node, step: int, trained: dict[str, list[int]]) -> dict:
         """Like a stage, but the leases are acked only once the optimizer stepped."""
-        leases = self._lease_all(node, step)
+        placed = self._lease_all(node, step)
+        leases = [lease for lease in placed if lease is not None]
         try:
-            self._dispatch(node, step, leases)
+            self._dispatch(node, step, placed)
             metrics: dict[str, float] = {}
             for replica, m in zip(
                 self.pool.replicas[node.name],
