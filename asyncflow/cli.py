@@ -204,13 +204,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     (run_dir / "config.json").write_text(config_json)
     recipe = entry.recipe(cfg, run_dir)
     cluster = ClusterConfig(scheduler=args.scheduler, n_workers=args.workers, host=args.host)
-    print(
-        f"asyncflow: {args.workflow}, {cfg.steps} steps, {args.mode} mode, run dir {run_dir}",
-        flush=True,
-    )
     observers: list = []  # RunObservers chosen by the command line (progress, metrics, ...)
     record_commands.attach(args, run_dir, observers)  # RUN_DIR/record, unless --no-record
     reporter = observe_commands.attach(args, run_dir, cfg.steps, observers)  # page, files
+    # through the reporter, so --progress json stays one JSON object per line
+    reporter.info(
+        f"asyncflow: {args.workflow}, {cfg.steps} steps, {args.mode} mode, run dir {run_dir}"
+    )
     with connect(cluster) as client:
         options = {
             "checkpoint_every": args.checkpoint_every,
