@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from distributed import Client
+from distributed import Client, Future
 
 from asyncflow.errors import AsyncflowError
 from asyncflow.graph import Node, WorkflowGraph
@@ -36,6 +36,20 @@ def _is_lost(exc: BaseException) -> bool:
 # `resources={"threads": N}` on a node sets its replicas' torch threads; every other key is
 # a Dask worker resource (`dask worker --resources "GPU=1,train=1"`) the worker must offer.
 THREADS = "threads"
+
+
+def _bound(actor: Any, client: Client) -> Any:
+    """The actor handle, calling through `client`.
+
+    A deserialized `distributed.Actor` binds to the process's *default* client, i.e. the
+    most recently created one: with a second client in the process (another cluster, a
+    notebook's) its calls would go to a scheduler that has never heard of the actor and
+    hang. There is no public way to choose, so set the two attributes `Actor` reads.
+    """
+    if getattr(actor, "_client", client) is not client:
+        actor._client = client
+        actor._future = Future(actor.key, client)
+    return actor
 
 
 class ReplicaLost(AsyncflowError):
@@ -125,7 +139,7 @@ class ReplicaPool:
                 pending.append((node, index, worker, self._submit(node, index, worker, 0)))
             cursor += node.replicas
         for node, index, worker, future in pending:
-            actor = future.result()
+            actor = _bound(future.result(), self.client)
             self.replicas.setdefault(node.name, []).append(Replica(node.name, index, actor, worker))
         self._monitor = threading.Thread(target=self._watch, name="asyncflow-liveness", daemon=True)
         self._monitor.start()
@@ -271,7 +285,7 @@ class ReplicaPool:
                     load[other.worker] += 1
         worker = min(candidates, key=lambda w: (load[w], w))
         generation = replica.generation + 1
-        actor = self._submit(node, replica.index, worker, generation).result()
+        actor = _bound(self._submit(node, replica.index, worker, generation).result(), self.client)
         new = Replica(replica.operator, replica.index, actor, worker, None, generation)
         self.replicas[replica.operator][replica.index] = new
         return new
