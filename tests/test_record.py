@@ -203,8 +203,7 @@ def test_export_step_to_parquet(run_dir, tmp_path, capsys):
     assert table.select(["response_ids", "reward"]).equals(
         recorded.select(["response_ids", "reward"])
     )
-    frame = table.to_pandas()  # what pandas/polars/duckdb users get
-    assert frame["rollout_weight_version"].eq(1).all()
+    assert set(table.column("rollout_weight_version").to_pylist()) == {1}
 
 
 # --- damage -------------------------------------------------------------------------------
