@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
+import dask_processes
 import pytest
 from distributed import Client
 
@@ -18,70 +14,20 @@ from asyncflow.runtime.queue.remote import DistributedTransferQueue
 
 pytestmark = pytest.mark.cluster
 
-DASK = shutil.which("dask")
+DASK = dask_processes.DASK
 
 
 @pytest.fixture(scope="module")
 def external_cluster(tmp_path_factory):
     if DASK is None:
         pytest.skip("the `dask` command is not on PATH")
-    tmp = tmp_path_factory.mktemp("cluster")
-    scheduler_file = tmp / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [
-        subprocess.Popen(
-            [
-                DASK,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--preload",
-                "asyncflow.runtime.queue.extension",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for _ in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        DASK,
-                        "worker",
-                        address,
-                        "--nthreads",
-                        "1",
-                        "--host",
-                        "127.0.0.1",
-                        "--no-dashboard",
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        with Client(address) as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    directory = tmp_path_factory.mktemp("cluster")
+    with dask_processes.scheduler(directory, "asyncflow.runtime.queue.extension") as info:
+        address = info["address"]
+        with dask_processes.workers(address, 2):
+            with Client(address) as client:
+                client.wait_for_workers(2, timeout=60)
+            yield address
 
 
 def test_grpo_runs_on_an_existing_scheduler(external_cluster, tmp_path):

@@ -4,14 +4,10 @@ per-operator spans in Fine Performance Metrics, a preloaded scheduler, the CLI's
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import time
 import urllib.request
 from dataclasses import replace
-from pathlib import Path
 
+import dask_processes
 import pytest
 
 from asyncflow.cli import main
@@ -153,44 +149,18 @@ def test_async_run_reports_staleness_within_the_bound(dask_client, tmp_path):
     assert snap["staleness"]["mean"] == pytest.approx(mean)
 
 
-DASK = shutil.which("dask")
+DASK = dask_processes.DASK
 
 
 @pytest.mark.skipif(DASK is None, reason="the `dask` command is not on PATH")
 def test_preloaded_scheduler_serves_the_page_before_any_run(tmp_path):
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [
-            DASK,
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--dashboard-address",
-            "127.0.0.1:0",
-            "--scheduler-file",
-            str(scheduler_file),
-            "--preload",
-            "asyncflow.runtime.observe.dashboard",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        info = json.loads(scheduler_file.read_text())
+    with dask_processes.scheduler(
+        tmp_path, "asyncflow.runtime.observe.dashboard", dashboard=True
+    ) as info:
         base = f"http://127.0.0.1:{info['services']['dashboard']}"
         assert "Waiting for an asyncflow run" in get(base + "/asyncflow")
         assert json.loads(get(base + "/asyncflow/api/state.json"))["run"] is None
         assert 'href="asyncflow"' in get(base + "/status")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_cli_run_json_progress_files_and_plot(tmp_path, capsys):
@@ -214,7 +184,7 @@ def test_cli_run_json_progress_files_and_plot(tmp_path, capsys):
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     events = [json.loads(line) for line in lines if line.startswith("{")]
-    assert len(events) >= len(lines) - 1  # only the command's own first line is not JSON
+    assert len(events) == len(lines)  # nothing but JSON lines, the first included
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [0, 1] and steps[0]["total_steps"] == 2
     messages = [e["message"] for e in events if e["event"] == "info"]
