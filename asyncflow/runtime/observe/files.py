@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncflow.runtime.events import Dispatch, RunInfo, RunObserver
-from asyncflow.runtime.observe.live import VERSION_COLUMN, StalenessTracker, histogram
+from asyncflow.runtime.observe.live import StalenessTracker, histogram
 
 CSV_NAME = "metrics.csv"
 DISPATCHES_NAME = "dispatches.jsonl"
@@ -76,20 +76,16 @@ class DispatchLog(RunObserver):
         self._staleness = StalenessTracker()
 
     def run_started(self, info: RunInfo) -> None:
-        graph = info.graph
-        trainer = info.recipe.trainer
-        generators = {n for n, node in graph.nodes.items() if VERSION_COLUMN in node.writes}
-        generators |= {t for s, t in graph.weight_syncs if s == trainer}
         with self._lock:
-            self._staleness.configure(trainer, generators)
+            self._staleness.configure(info)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
             self._write(
                 {
                     "event": "run",
-                    "workflow": info.workflow_name or graph.name,
+                    "workflow": info.workflow_name or info.graph.name,
                     "mode": info.mode,
-                    "order": list(graph.order()),
-                    "trainer": trainer,
+                    "order": list(info.graph.order()),
+                    "trainer": info.recipe.trainer,
                     "first_step": info.first_step,
                     "max_staleness": info.max_staleness,
                 }

@@ -75,8 +75,12 @@ class StalenessTracker:
         self.published: dict[str, int] = {}
         self._versions: dict[int, dict[int, int]] = {}  # step -> sample id -> version
 
-    def configure(self, trainer: str, generators: set[str]) -> None:
-        self.trainer, self.generators = trainer, set(generators)
+    def configure(self, info: RunInfo) -> None:
+        """Take the trainer and its generators from the run's graph."""
+        graph, trainer = info.graph, info.recipe.trainer
+        self.trainer = trainer
+        self.generators = {n for n, node in graph.nodes.items() if VERSION_COLUMN in node.writes}
+        self.generators |= {target for source, target in graph.weight_syncs if source == trainer}
 
     def published_version(self, operator: str, version: int) -> None:
         self.published[operator] = int(version)
@@ -186,10 +190,7 @@ class LiveState(RunObserver):
     # -- hooks (driver threads) ---------------------------------------------------------
 
     def run_started(self, info: RunInfo) -> None:
-        graph = info.graph
-        trainer = info.recipe.trainer
-        generators = {name for name, node in graph.nodes.items() if VERSION_COLUMN in node.writes}
-        generators |= {target for source, target in graph.weight_syncs if source == trainer}
+        graph, trainer = info.graph, info.recipe.trainer
         with self._lock:
             self.info = info
             self.started = self.clock()
@@ -197,7 +198,7 @@ class LiveState(RunObserver):
             for name in graph.order():
                 self.ops.setdefault(name, _Operator(name, graph.nodes[name].replicas))
             self._sources = [n for n in graph.order() if graph.nodes[n].is_source]
-            self.staleness.configure(trainer, generators)
+            self.staleness.configure(info)
             self.header = {
                 "run_id": self.run_id,
                 "workflow": info.workflow_name or graph.name,
