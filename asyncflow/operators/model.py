@@ -182,12 +182,14 @@ def save_model(model: CausalLM, path: str | Path) -> None:
     save_weights(model.state_dict(), model.cfg, path)
 
 
-def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str | Path) -> None:
-    """Safetensors weights + the config in its metadata: loadable without unpickling."""
+def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig | None, path: str | Path) -> None:
+    """Safetensors weights + the native model's config (if any) in its metadata: loadable
+    without unpickling."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"asyncflow_model_config": cfg.to_json()})
+    metadata = {"asyncflow_model_config": cfg.to_json()} if cfg is not None else None
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_model(path: str | Path) -> CausalLM:

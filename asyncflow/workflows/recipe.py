@@ -31,7 +31,9 @@ class Recipe:
     metric_columns: tuple[str, ...]  # columns `step_metrics` reads from each step's rows
     step_metrics: StepMetrics
     trainer: str  # operator whose weights are the run's result
-    model_config: ModelConfig
+    # the native model's config, stored in saved weights' metadata so `load_model` can
+    # rebuild it; None for policies that are not native models (transformers, simulated)
+    model_config: ModelConfig | None = None
     prepare: Prepare | None = None  # runs on a worker before the run: initial weights
     prepare_targets: tuple[str, ...] = ()  # operators that start from the prepared weights
     evaluate: Evaluate | None = None  # runs on a worker on initial and final weights

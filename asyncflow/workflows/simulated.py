@@ -50,7 +50,6 @@ import pyarrow as pa
 
 from asyncflow.graph import Workflow
 from asyncflow.operators.base import Operator, OperatorContext, SourceOperator, WeightedOperator
-from asyncflow.operators.model import ModelConfig
 from asyncflow.workflows.recipe import Recipe
 
 STAGES = ("rollout", "ref", "reward", "actor")
@@ -463,11 +462,6 @@ def step_metrics(rows: pa.Table) -> dict[str, float]:
     }
 
 
-# `Recipe.model_config` is only used to label saved weights (safetensors metadata); the
-# simulated trainer has no language model, so it gets a placeholder.
-PLACEHOLDER_MODEL = ModelConfig(vocab_size=1, max_seq_len=1, d_model=4, n_layers=1, n_heads=1)
-
-
 def recipe(cfg: SimConfig, run_dir: Path | None = None) -> Recipe:
     return Recipe(
         workflow=build(cfg),
@@ -478,7 +472,6 @@ def recipe(cfg: SimConfig, run_dir: Path | None = None) -> Recipe:
         metric_columns=("reward", "response_len", "policy_version"),
         step_metrics=step_metrics,
         trainer="actor",
-        model_config=PLACEHOLDER_MODEL,
         prepare=None,
         evaluate=None,
     )
