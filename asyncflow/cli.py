@@ -18,7 +18,12 @@ from asyncflow.workflows import lookup, registry
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # `bench` hands every argument on to the benchmarks' own parser, unparsed
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.handler is not _cmd_bench:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.handler is _cmd_bench:
+        args.bench_args = rest
     try:
         return args.handler(args)
     except AsyncflowError as exc:
@@ -109,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     graph.set_defaults(handler=_cmd_graph)
 
     observe_commands.add_plot_command(sub)  # asyncflow plot RUN_DIR
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the quick version of every benchmark, print one table (repo checkout only)",
+        add_help=False,  # --help goes to the benchmarks' own parser
+    )
+    bench.set_defaults(handler=_cmd_bench)
     record_commands.add_commands(sub)  # asyncflow replay, asyncflow inspect
     return parser
 
@@ -180,6 +192,21 @@ def _settable_type(hint: object) -> type | None:
     """int/float/str/bool, also behind `X | None`; anything else is not settable from text."""
     options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     return options[0] if len(options) == 1 and options[0] in (int, float, str, bool) else None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """`python -m benchmarks` from the checkout this asyncflow was installed from: the
+    benchmarks are scripts beside the package, not part of what pip installs."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").exists():
+        raise ConfigError(
+            f"asyncflow bench: no benchmarks/ beside {root / 'asyncflow'}; it needs a checkout "
+            "of the repository (pip install -e .)"
+        )
+    command = [sys.executable, "-m", "benchmarks", *args.bench_args]
+    return subprocess.run(command, cwd=root, check=False).returncode
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
