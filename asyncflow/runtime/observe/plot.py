@@ -49,7 +49,6 @@ def _pyplot():
 
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write the PNGs for `run_dir` into `out_dir` (default: RUN_DIR/plots); their paths."""
-    from asyncflow.runtime.report import read_metrics
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").exists():
@@ -57,15 +56,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     plt = _pyplot()
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = read_metrics(run_dir)
-    events = read_dispatches(run_dir)
-    runs = [e for e in events if e.get("event") == "run"]
-    order = runs[-1]["order"] if runs else []
-    dispatches = [e for e in events if e.get("event") == "dispatch"]
-    for d in dispatches:
-        if d["operator"] not in order:
-            order.append(d["operator"])
-    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
+    metrics, dispatches, colors = run_timeline(run_dir)
     evaluation_path = run_dir / "evaluation.json"
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
 
@@ -195,7 +186,27 @@ def _staleness(plt, metrics, dispatches, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _timeline(plt, metrics, dispatches, colors, path: Path) -> Path:
+def run_timeline(run_dir: Path) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """(metrics, dispatches, operator colours) of a run directory, for `draw_timeline`."""
+    from asyncflow.runtime.report import read_metrics
+
+    events = read_dispatches(Path(run_dir))
+    runs = [e for e in events if e.get("event") == "run"]
+    order = list(runs[-1]["order"]) if runs else []
+    dispatches = [e for e in events if e.get("event") == "dispatch"]
+    for d in dispatches:
+        if d["operator"] not in order:
+            order.append(d["operator"])
+    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
+    return read_metrics(Path(run_dir)), dispatches, colors
+
+
+def draw_timeline(
+    ax, metrics, dispatches, colors, window: tuple[float, float] | None = None
+) -> None:
+    """Each replica's micro-batches as bars on its worker's lane (dark: the operator was
+    busy; light: in flight), step ends dotted. `window` (seconds since the first
+    micro-batch) zooms in so the bubbles of a long run stay visible."""
     lanes = sorted(
         {(d["worker"], d["operator"], d["replica"]) for d in dispatches},
         key=lambda lane: (
@@ -204,10 +215,9 @@ def _timeline(plt, metrics, dispatches, colors, path: Path) -> Path:
             lane[2],
         ),
     )
-    fig, ax = plt.subplots(figsize=(12, max(2.5, 0.45 * len(lanes) + 1.5)))
     if not dispatches:
         _empty(ax, "no dispatches.jsonl (run with the asyncflow command to record it)")
-        return _save(plt, fig, path)
+        return
     t0 = min(d["started"] for d in dispatches)
     index = {lane: i for i, lane in enumerate(lanes)}
     per_lane: dict[tuple, list] = defaultdict(list)
@@ -220,15 +230,22 @@ def _timeline(plt, metrics, dispatches, colors, path: Path) -> Path:
         busy = [(d["finished"] - t0 - d["busy"], d["busy"]) for d in ds]
         ax.broken_barh(sent, (y - 0.35, 0.7), facecolors=color, alpha=0.3)
         ax.broken_barh(busy, (y - 0.35, 0.7), facecolors=color)
-    step_ends = _step_ends(metrics, dispatches)
-    for t in step_ends:
+    for t in _step_ends(metrics, dispatches):
         ax.axvline(t - t0, color="0.6", ls=":", lw=0.8)
+    if window is not None:
+        ax.set_xlim(*window)
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels([f"{w.split('://')[-1]}  {op}#{r}" for w, op, r in lanes], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first micro-batch (dark: operator busy; light: in flight)")
-    ax.set_title("Operator activity per worker (dotted: step ends)")
     ax.grid(axis="x", alpha=0.3)
+
+
+def _timeline(plt, metrics, dispatches, colors, path: Path) -> Path:
+    lanes = {(d["worker"], d["operator"], d["replica"]) for d in dispatches}
+    fig, ax = plt.subplots(figsize=(12, max(2.5, 0.45 * len(lanes) + 1.5)))
+    draw_timeline(ax, metrics, dispatches, colors)
+    ax.set_title("Operator activity per worker (dotted: step ends)")
     return _save(plt, fig, path)
 
 
