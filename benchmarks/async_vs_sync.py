@@ -46,6 +46,7 @@ import numpy as np
 
 from asyncflow.runtime.events import RunObserver
 from asyncflow.runtime.executor import SyncExecutor
+from asyncflow.runtime.observe.files import DispatchLog
 from asyncflow.runtime.report import RunReporter, read_metrics
 from asyncflow.runtime.streaming import AsyncExecutor
 from asyncflow.workflows import simulated as sim
@@ -223,7 +224,11 @@ def run_sim(client, name: str, cfg: sim.SimConfig, mode: str, staleness: int, ro
     recipe = sim.recipe(cfg)
     probe = Probe()
     run_dir.mkdir(parents=True, exist_ok=True)
-    options = {"observers": [probe], "reporter": quiet_reporter(run_dir, cfg.steps)}
+    # dispatches.jsonl (both modes alike): the operator timeline benchmarks/plots.py draws
+    options = {
+        "observers": [probe, DispatchLog(run_dir)],
+        "reporter": quiet_reporter(run_dir, cfg.steps),
+    }
     if mode == "sync":
         executor = SyncExecutor(recipe, client, run_dir, **options)
     else:
@@ -437,7 +442,7 @@ def run_grpo(client, mode: str, seed: int, steps: int, run_dir: Path, init: str 
     cfg = grpo.GRPOConfig(steps=steps, seed=seed, init=init)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = grpo.recipe(cfg, run_dir)
-    options = {"reporter": quiet_reporter(run_dir, steps)}
+    options = {"observers": [DispatchLog(run_dir)], "reporter": quiet_reporter(run_dir, steps)}
     if mode == "sync":
         executor = SyncExecutor(recipe, client, run_dir, **options)
     else:
