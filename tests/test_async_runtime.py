@@ -252,3 +252,31 @@ def test_async_checkpoint_and_resume_continue_the_run(dask_client, tmp_path):
     assert [m["weight_version"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
     first_resumed = min(resumed.trained["actor"][2])
     assert first_resumed == json.loads(manifest.read_text())["next_sample_id"]
+
+
+def test_replica_calls_go_straight_to_the_worker_in_order(dask_client, tmp_path):
+    """`ReplicaPool.submit` talks to the replica's worker directly (not through the
+    scheduler), returns at once, runs `before` calls first and in order, and hands
+    operator errors back as they were raised."""
+    import torch
+
+    from asyncflow.runtime.replicas import ReplicaPool
+    from asyncflow.workflows import simulated as sim
+
+    graph = sim.build(sim.SimConfig(rollout_replicas=2, ref_replicas=0, reward_replicas=1)).build()
+    pool = ReplicaPool(dask_client, graph, seed=0, run_dir=tmp_path, token="direct")
+    try:
+        pool.place_all()
+        assert pool._direct  # an embedded cluster's workers are reachable
+        a, b = pool.replicas["rollout"]
+        loads = [("set_weights", (v, {"w": torch.full((2,), float(v))})) for v in (3, 5)]
+        calls = [pool.submit(r, "get_weights", before=loads) for r in (a, b)]
+        for call in calls:
+            version, weights = call.result(timeout=30)
+            assert version == 5 and weights["w"].tolist() == [5.0, 5.0]
+            assert call.started > 0
+        assert pool.call_all([a, b], "stats") == [{"busy_seconds": 0.0, "calls": 0.0}] * 2
+        with pytest.raises(AttributeError):
+            pool.call(a, "call", "no_such_method")
+    finally:
+        pool.close()

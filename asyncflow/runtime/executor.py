@@ -499,7 +499,9 @@ class SyncExecutor(Executor):
             if lease is None:
                 continue
             replica = replicas[i % len(replicas)]
-            sent.append((lease, replica, time.time(), replica.actor.process(lease.batch)))
+            sent.append(
+                (lease, replica, time.time(), self.pool.submit(replica, "process", lease.batch))
+            )
         done = []
         for lease, replica, started, future in sent:
             output, busy = self.pool.wait(replica, future)

@@ -10,6 +10,8 @@ trainer snapshot) is the executor's business: it knows which version is current.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Iterable
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, Future
+from distributed.actor import ProxyRPC
+from distributed.protocol import to_serialize
 
 from asyncflow.errors import AsyncflowError
 from asyncflow.graph import Node, WorkflowGraph
@@ -78,8 +82,25 @@ class Replica:
     generation: int = 0  # how many times it was recreated
 
 
+class Call(concurrent.futures.Future):
+    """An actor call in flight (`ReplicaPool.submit`): a plain `concurrent.futures.Future`
+    that also records when its last method was sent (`started`, wall clock)."""
+
+    started: float = 0.0
+
+
 class ReplicaPool:
-    """All replicas of a workflow, keyed by operator name."""
+    """All replicas of a workflow, keyed by operator name.
+
+    Calls (`submit`, `call`, `call_all`) go straight from the client to the replica's
+    worker (`actor_execute`), one coroutine on the client's event loop each, and complete
+    a `Call` future: nothing polls, no thread waits per call, and done-callbacks may be
+    used. `distributed.Actor`'s own methods would route every call through the scheduler
+    when the client was not made with `direct_to_workers=True` (the default): twice the
+    messages, and with an embedded cluster the scheduler shares the driver's process.
+    A client that says `direct_to_workers=False`, or that cannot reach a worker, keeps
+    going through the scheduler.
+    """
 
     def __init__(
         self,
@@ -104,6 +125,8 @@ class ReplicaPool:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
+        self._direct = client.direct_to_workers
+        self._inflight: dict[str, set[Call]] = {}  # worker -> calls in flight to it
 
     # -- placement ------------------------------------------------------------------------
 
@@ -141,6 +164,8 @@ class ReplicaPool:
         for node, index, worker, future in pending:
             actor = _bound(future.result(), self.client)
             self.replicas.setdefault(node.name, []).append(Replica(node.name, index, actor, worker))
+        if self._direct is None:
+            self._direct = all(self._reachable(w) for w in {w for _, _, w, _ in pending})
         self._monitor = threading.Thread(target=self._watch, name="asyncflow-liveness", daemon=True)
         self._monitor.start()
         return self.describe_placement(colocated=dedicated and not own)
@@ -194,6 +219,18 @@ class ReplicaPool:
             )
         return ok
 
+    def _reachable(self, worker: str, timeout: float = 3.0) -> bool:
+        """Can this process talk to `worker` directly (not only through the scheduler)?"""
+
+        async def probe() -> None:
+            await self.client.rpc(worker).identity()
+
+        try:
+            self.client.sync(probe, callback_timeout=timeout)
+        except Exception:
+            return False
+        return True
+
     # -- liveness -------------------------------------------------------------------------
 
     def _workers(self) -> list[str]:
@@ -207,6 +244,17 @@ class ReplicaPool:
                 return
             with self._lock:
                 self._live = live
+            self._fail_lost()
+
+    def _fail_lost(self) -> None:
+        """Calls in flight to workers that are gone end with `ReplicaLost` now."""
+        with self._lock:
+            gone = [w for w in self._inflight if w not in self._live]
+            calls = [(w, c) for w in gone for c in self._inflight.pop(w)]
+        for worker, call in calls:
+            replica = getattr(call, "replica", None)
+            if replica is not None and not call.done():
+                _settle(call, exc=ReplicaLost(replica.operator, replica.index, worker))
 
     def is_live(self, replica: Replica) -> bool:
         with self._lock:
@@ -215,12 +263,17 @@ class ReplicaPool:
     def mark_lost(self, worker: str) -> None:
         with self._lock:
             self._live.discard(worker)
+        self._fail_lost()
 
     def close(self) -> None:
         self._stop.set()
 
     def wait(self, replica: Replica, future: Any) -> Any:
-        """The result of an actor call, or `ReplicaLost` as soon as its worker is gone."""
+        """The result of an actor call, or `ReplicaLost` as soon as its worker is gone.
+
+        `future` is a `Call` (from `submit`) or a `distributed` actor future."""
+        if isinstance(future, concurrent.futures.Future):
+            return future.result()
         while True:
             if not self.is_live(replica):
                 raise ReplicaLost(replica.operator, replica.index, replica.worker)
@@ -236,26 +289,73 @@ class ReplicaPool:
                     replica.operator, replica.index, replica.worker, repr(exc)
                 ) from exc
 
-    def call(self, replica: Replica, method: str, *args: Any) -> Any:
+    def submit(self, replica: Replica, method: str, *args: Any, before=()) -> Call:
+        """Start `method(*args)` on the replica; returns at once.
+
+        `before`: (method, args) pairs called first, one after the other (each waits for
+        the previous, so a weight load lands before the micro-batch it is for). The
+        `Call` ends with the last method's result, its error (an `OperatorError` as
+        raised on the worker), or `ReplicaLost` when the worker is or becomes gone.
+        """
+        call = Call()
+        call.replica = replica  # type: ignore[attr-defined]
+        worker = replica.worker
         if not self.is_live(replica):
-            raise ReplicaLost(replica.operator, replica.index, replica.worker)
+            _settle(call, exc=ReplicaLost(replica.operator, replica.index, worker))
+            return call
+        with self._lock:
+            self._inflight.setdefault(worker, set()).add(call)
+        steps = [*before, (method, args)]
+        key = replica.actor.key
+        rpc = self.client.rpc(worker) if self._direct else ProxyRPC(self.client.scheduler, worker)
+
+        async def run() -> None:
+            try:
+                result = None
+                for name, call_args in steps:
+                    call.started = time.time()
+                    answer = await rpc.actor_execute(
+                        function=name,
+                        actor=key,
+                        args=[to_serialize(a) for a in call_args],
+                        kwargs={},
+                    )
+                    if answer["status"] != "OK":
+                        raise answer["exception"]
+                    result = answer["result"]
+            except _LOST_ERRORS as exc:
+                if not _is_lost(exc):
+                    _settle(call, exc=exc)
+                    return
+                self.mark_lost(worker)
+                lost = ReplicaLost(replica.operator, replica.index, worker, repr(exc))
+                _settle(call, exc=lost)
+            except BaseException as exc:  # handed to whoever waits
+                _settle(call, exc=exc)
+            else:
+                _settle(call, result=result)
+            finally:
+                with self._lock:
+                    calls = self._inflight.get(worker)
+                    if calls is not None:
+                        calls.discard(call)
+
         try:
-            future = getattr(replica.actor, method)(*args)
-        except _LOST_ERRORS as exc:
-            if not _is_lost(exc):
-                raise
-            self.mark_lost(replica.worker)
-            raise ReplicaLost(replica.operator, replica.index, replica.worker, repr(exc)) from exc
-        return self.wait(replica, future)
+            asyncio.run_coroutine_threadsafe(run(), self.client.loop.asyncio_loop)
+        except RuntimeError as exc:  # the loop is closed: the client is gone
+            _settle(call, exc=exc)
+        return call
+
+    def call(self, replica: Replica, method: str, *args: Any) -> Any:
+        return self.submit(replica, method, *args).result()
 
     def call_all(self, replicas: list[Replica], method: str, *args: Any) -> list[Any]:
         """Call every replica at once (collectives need all ranks inside), then wait for all."""
-        futures = []
         for replica in replicas:
             if not self.is_live(replica):
                 raise ReplicaLost(replica.operator, replica.index, replica.worker)
-            futures.append(getattr(replica.actor, method)(*args))
-        return [self.wait(r, f) for r, f in zip(replicas, futures, strict=True)]
+        calls = [self.submit(replica, method, *args) for replica in replicas]
+        return [call.result() for call in calls]
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -267,8 +367,10 @@ class ReplicaPool:
         avoid = set(avoid)
         deadline = time.monotonic() + timeout
         while True:
+            live = set(self._workers())  # not under the lock: calls finish on the loop
             with self._lock:
-                self._live = set(self._workers())
+                self._live = live
+            self._fail_lost()
             candidates = [w for w in self._candidates(node) if w not in avoid]
             if candidates:
                 break
@@ -289,3 +391,14 @@ class ReplicaPool:
         new = Replica(replica.operator, replica.index, actor, worker, None, generation)
         self.replicas[replica.operator][replica.index] = new
         return new
+
+
+def _settle(call: concurrent.futures.Future, result: Any = None, exc: BaseException | None = None):
+    """Complete `call` unless something (the liveness monitor) already did."""
+    try:
+        if exc is not None:
+            call.set_exception(exc)
+        else:
+            call.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from asyncflow.errors import AsyncflowError, QueueError
@@ -36,21 +36,28 @@ from asyncflow.graph import Node
 from asyncflow.runtime.events import Dispatch
 from asyncflow.runtime.executor import Executor, RunResult, _has_end_step, _with_ids
 from asyncflow.runtime.queue import Lease, samplers
-from asyncflow.runtime.replicas import Replica, ReplicaLost
+from asyncflow.runtime.replicas import Call, Replica, ReplicaLost
 
 _WAKE_SECONDS = 1.0  # waits also wake this often to notice a failure or shutdown
 
 
 class Signal:
-    """A change counter one can wait on without missing a wake-up between look and wait."""
+    """A change counter one can wait on without missing a wake-up between look and wait.
+
+    `fresh[step]` counts the changes that may have made rows of that step available
+    (`bump(step)`): a reader that found nothing in a step need not ask the queue again
+    until that count moved."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.count = 0
+        self.fresh: dict[int, int] = {}
 
-    def bump(self) -> None:
+    def bump(self, step: int | None = None) -> None:
         with self._cond:
             self.count += 1
+            if step is not None:
+                self.fresh[step] = self.fresh.get(step, 0) + 1
             self._cond.notify_all()
 
     def wait(self, seen: int, timeout: float = _WAKE_SECONDS) -> None:
@@ -62,6 +69,18 @@ class _Stopped(Exception):
     """The run is stopping (another thread failed); leave quietly."""
 
 
+@dataclass
+class _Flight:
+    """A micro-batch in flight on one replica (an actor call that has not come back)."""
+
+    index: int  # replica index
+    replica: Replica
+    lease: Lease
+    step: int
+    call: Call
+    loads: int | None = None  # weight version loaded just before it, if any
+
+
 class AsyncExecutor(Executor):
     mode = "async"
 
@@ -69,7 +88,11 @@ class AsyncExecutor(Executor):
         if max_staleness < 0:
             raise AsyncflowError(f"max_staleness must be >= 0, got {max_staleness}")
         super().__init__(*args, max_staleness=max_staleness, **kwargs)
-        self._changed = Signal()
+        self._changed = Signal()  # source, trainers' step loop, step completion
+        # one per operator: its dispatcher wakes only for what concerns it (its own calls
+        # coming back, new rows of its inputs, a step opened or retired, new weights)
+        self._signals: dict[str, Signal] = {}
+        self._consumers: dict[str, list[Signal]] = {}
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
@@ -84,6 +107,16 @@ class AsyncExecutor(Executor):
     def _run_steps(self, first_step: int, result: RunResult) -> None:
         self._first, self._end = first_step, self.recipe.steps
         self._trained_through = {name: first_step for name in self.trainers}
+        nodes = [self.graph.nodes[n] for n in self.graph.order()]
+        self._signals = {n.name: Signal() for n in nodes if not n.is_source}
+        self._consumers = {
+            n.name: [
+                self._signals[c.name]
+                for c in nodes
+                if not c.is_source and set(c.reads) & set(n.writes)
+            ]
+            for n in nodes
+        }
         # step index minus weight version, per trainer (0 unless versions started elsewhere)
         self._offset = {
             name: first_step - int(self.step_snapshots[name][first_step - 1][1]["version"])
@@ -107,7 +140,7 @@ class AsyncExecutor(Executor):
             self._fail(exc)
         finally:
             self._stop.set()
-            self._changed.bump()
+            self._wake_all()
             for thread in threads:
                 thread.join(timeout=30)
         if self._failure is not None:
@@ -126,7 +159,13 @@ class AsyncExecutor(Executor):
             if self._failure is None and not isinstance(exc, _Stopped):
                 self._failure = exc
         self._stop.set()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Something every loop may care about changed (a step, weights, the run's end)."""
         self._changed.bump()
+        for signal in self._signals.values():
+            signal.bump()
 
     def _wait(self, ready) -> None:
         """Block until `ready()` holds; raise _Stopped if the run is stopping."""
@@ -155,7 +194,7 @@ class AsyncExecutor(Executor):
                 self._rows[step] = len(ids)
                 self._open.append(step)
             self.observers.rows_added(step, _with_ids(batch, ids))
-            self._changed.bump()
+            self._wake_all()
 
     def _slowest_trainer(self) -> int:
         return min(self._trained_through.values(), default=self._end)
@@ -171,27 +210,111 @@ class AsyncExecutor(Executor):
     # -- ordinary operators -------------------------------------------------------------
 
     def _dispatch_loop(self, node: Node) -> None:
-        """Hand ready micro-batches to idle replicas until every step is done."""
-        replicas = self.pool.replicas[node.name]
-        idle: deque[int] = deque(range(len(replicas)))
-        calls = ThreadPoolExecutor(len(replicas), thread_name_prefix=f"af-{node.name}")
-        try:
-            while True:
-                seen = self._changed.count
+        """Hand ready micro-batches to idle replicas until every step is done.
+
+        One thread per operator does all of it: calls are sent without blocking and
+        come back through done-callbacks that only queue the finished call and wake this
+        thread, which stores the outputs, acks, and sends the replica its next lease."""
+        wake = self._signals[node.name]
+        idle: deque[int] = deque(range(len(self.pool.replicas[node.name])))
+        flights: dict[int, _Flight] = {}
+        finished: deque[_Flight] = deque()
+        tried: dict[int, int] = {}
+        while True:
+            seen = wake.count
+            try:
+                while finished:
+                    self._complete(node, finished.popleft(), flights, idle, tried)
                 if self._stop.is_set():
-                    raise _Stopped
-                if self._all_done():
+                    # micro-batches in flight finish and are stored: a failure elsewhere
+                    # loses no work
+                    if not flights:
+                        raise _Stopped
+                elif self._all_done():
                     return
-                while idle:
-                    found = self._lease(node, self._eligible_through(node))
-                    if found is None:
-                        break
-                    index = idle.popleft()
-                    calls.submit(self._run_one, node, index, *found, idle)
-                self._changed.wait(seen)
+                else:
+                    through = self._eligible_through(node)
+                    while idle:
+                        found = self._lease(node, through, tried)
+                        if found is None:
+                            break
+                        self._send(node, idle.popleft(), *found, flights, finished)
+            except _Stopped:
+                raise
+            except BaseException as exc:
+                self._fail(exc)
+                continue
+            wake.wait(seen)
+
+    def _send(self, node, index, lease, step, flights, finished) -> None:
+        """Start one micro-batch on replica `index`, after a weight load if one is due
+        (delayed parameter update: the newest published weights, between micro-batches)."""
+        replica = self.pool.replicas[node.name][index]
+        before, loads = (), None
+        source = self.sync_source.get(node.name)
+        if source is not None:
+            version, weights = self.published[source]
+            if replica.version is None or replica.version < version:
+                before, loads = (("set_weights", (version, weights)),), version
+        try:
+            call = self.pool.submit(replica, "process", lease.batch, before=before)
+        except BaseException:
+            self.queue.release(lease)
+            raise
+        flight = _Flight(index, replica, lease, step, call, loads)
+        flights[index] = flight
+        wake = self._signals[node.name]
+
+        def done(_call, flight=flight) -> None:  # on the client's event loop: no work here
+            finished.append(flight)
+            wake.bump()
+
+        call.add_done_callback(done)
+
+    def _complete(self, node, flight: _Flight, flights: dict, idle: deque, tried: dict) -> None:
+        """A call came back: store its outputs and ack, or give its rows back."""
+        del flights[flight.index]
+        replica, lease, step = flight.replica, flight.lease, flight.step
+        try:
+            output, busy = flight.call.result()
+        except ReplicaLost as exc:
+            self.queue.release(lease)
+            tried.pop(step, None)  # its rows are on offer again
+            self._recover_in_background(node, replica, exc.cause or "worker gone", idle)
+            return
+        except BaseException:
+            self.queue.release(lease)
+            idle.append(flight.index)
+            raise
+        try:
+            if flight.loads is not None:
+                replica.version = flight.loads
+                self.observers.weights_loaded(replica.operator, replica.index, flight.loads)
+            if output.num_columns:
+                self.queue.put(step, lease.sample_ids, output, producer=node.name)
+            self.queue.ack(lease)
+            self._tell(node, replica, step, lease, output, flight.call.started, busy)
         finally:
-            # micro-batches in flight finish and are stored: a failure elsewhere loses no work
-            calls.shutdown(wait=True, cancel_futures=True)
+            idle.append(flight.index)
+            if output.num_columns:
+                for signal in self._consumers[node.name]:
+                    signal.bump(step)
+            if self._slowest_trainer() > step:  # the step may be complete now
+                self._changed.bump()
+
+    def _recover_in_background(self, node: Node, replica: Replica, why: str, idle) -> None:
+        """Recreate a lost replica without holding up the operator's other replicas."""
+
+        def recover() -> None:
+            try:
+                self._recover(replica, why)
+                idle.append(replica.index)
+            except BaseException as exc:
+                self._fail(exc)
+            finally:
+                self._signals[node.name].bump()
+
+        threading.Thread(target=recover, name=f"af-recover-{node.name}", daemon=True).start()
 
     def _all_done(self) -> bool:
         return self._slowest_trainer() >= self._end and not self._open
@@ -203,12 +326,23 @@ class AsyncExecutor(Executor):
             return self._end
         return self.published[source][0] + self._offset[source] + self.max_staleness
 
-    def _lease(self, node: Node, through: int) -> tuple[Lease, int] | None:
+    def _lease(
+        self, node: Node, through: int, tried: dict[int, int] | None = None
+    ) -> tuple[Lease, int] | None:
+        """A lease of ready rows of the oldest open step (up to `through`) that has some.
+
+        `tried` (step -> `Signal.fresh` count when the queue last had nothing for this
+        operator there) skips the steps where nothing changed since: their answer would
+        be None again, and each question costs the queue a scan of the step's rows."""
         sampler = samplers.group_preserving if node.operator.needs_whole_groups else None
         batch_size = None if sampler is not None else self.recipe.micro_batch_size
+        fresh = self._signals[node.name].fresh
         with self._lock:
             steps = [k for k in self._open if k <= through]
         for step in steps:
+            seen = fresh.get(step, 0)
+            if tried is not None and tried.get(step) == seen:
+                continue
             try:
                 lease = self.queue.get(
                     node.name,
@@ -224,42 +358,9 @@ class AsyncExecutor(Executor):
                 raise
             if lease is not None:
                 return lease, step
+            if tried is not None:
+                tried[step] = seen
         return None
-
-    def _run_one(self, node: Node, index: int, lease: Lease, step: int, idle: deque) -> None:
-        try:
-            replica = self.pool.replicas[node.name][index]
-            try:
-                self._load_latest(replica)
-                started = time.time()
-                output, busy = self.pool.call(replica, "process", lease.batch)
-            except ReplicaLost as exc:
-                self.queue.release(lease)
-                self._recover(replica, exc.cause or "worker gone")
-                return
-            except BaseException:
-                self.queue.release(lease)
-                raise
-            if output.num_columns:
-                self.queue.put(step, lease.sample_ids, output, producer=node.name)
-            self.queue.ack(lease)
-            self._tell(node, replica, step, lease, output, started, busy)
-        except BaseException as exc:
-            self._fail(exc)
-        finally:
-            idle.append(index)
-            self._changed.bump()
-
-    def _load_latest(self, replica: Replica) -> None:
-        """Delayed parameter update: newest published weights, between two micro-batches."""
-        source = self.sync_source.get(replica.operator)
-        if source is None:
-            return
-        version, weights = self.published[source]
-        if replica.version is None or replica.version < version:
-            self.pool.call(replica, "set_weights", version, weights)
-            replica.version = version
-            self.observers.weights_loaded(replica.operator, replica.index, version)
 
     def _tell(self, node, replica, step, lease, output, started, busy, attempt=0) -> None:
         self.observers.dispatched(
@@ -297,7 +398,7 @@ class AsyncExecutor(Executor):
                 self._trained.setdefault(node.name, {})[step] = ids
                 self._step_metrics.setdefault(step, {}).update(metrics)
                 self._trained_through[node.name] = step + 1
-            self._changed.bump()
+            self._wake_all()
 
     def _train_step(self, node: Node, step: int, attempt: int) -> tuple[dict, list[int]]:
         """Feed step `step`'s rows to idle ranks as they become ready, then step them all.
@@ -305,47 +406,62 @@ class AsyncExecutor(Executor):
         Leases stay un-acked until the optimizer stepped: if a rank is lost they are all
         released, and the step is trained again from the previous snapshot."""
         ranks = self.pool.replicas[node.name]
+        wake = self._signals[node.name]
         idle: deque[int] = deque(range(len(ranks)))
         held: list[Lease] = []
         lost: list[ReplicaLost] = []
-        state = {"rows": 0, "inflight": 0}
-        expected = self._rows[step]
-        calls = ThreadPoolExecutor(len(ranks), thread_name_prefix=f"af-{node.name}")
+        flights: dict[int, _Flight] = {}
+        finished: deque[_Flight] = deque()
+        rows, expected = 0, self._rows[step]
+        tried: dict[int, int] = {}
 
-        def train_one(index: int, lease: Lease) -> None:
-            replica = ranks[index]
-            try:
-                started = time.time()
-                output, busy = self.pool.call(replica, "process", lease.batch)
-                with self._lock:
-                    state["rows"] += lease.batch.num_rows
-                self._tell(node, replica, step, lease, output, started, busy, attempt)
-            except ReplicaLost as exc:
-                lost.append(exc)
-            except BaseException as exc:
-                self._fail(exc)
-            finally:
-                with self._lock:
-                    state["inflight"] -= 1
-                idle.append(index)
-                self._changed.bump()
+        def done(_call, flight) -> None:  # on the client's event loop: no work here
+            finished.append(flight)
+            wake.bump()
 
         try:
-            while state["rows"] < expected or state["inflight"]:
-                seen = self._changed.count
+            while rows < expected or flights:
+                seen = wake.count
+                while finished:
+                    flight = finished.popleft()
+                    del flights[flight.index]
+                    idle.append(flight.index)
+                    try:
+                        output, busy = flight.call.result()
+                    except ReplicaLost as exc:
+                        lost.append(exc)
+                        continue
+                    except BaseException as exc:
+                        self._fail(exc)
+                        continue
+                    rows += flight.lease.batch.num_rows
+                    self._tell(
+                        node,
+                        flight.replica,
+                        step,
+                        flight.lease,
+                        output,
+                        flight.call.started,
+                        busy,
+                        attempt,
+                    )
                 if self._stop.is_set():
                     raise _Stopped
-                if lost and not state["inflight"]:
+                if lost and not flights:
                     raise lost[0]
                 while idle and not lost:
-                    found = self._lease(node, step)
+                    found = self._lease(node, step, tried)
                     if found is None or found[1] != step:
                         break
-                    held.append(found[0])
-                    with self._lock:
-                        state["inflight"] += 1
-                    calls.submit(train_one, idle.popleft(), found[0])
-                self._changed.wait(seen)
+                    lease, index = found[0], idle.popleft()
+                    held.append(lease)
+                    call = self.pool.submit(ranks[index], "process", lease.batch)
+                    flight = _Flight(index, ranks[index], lease, step, call)
+                    flights[index] = flight
+                    call.add_done_callback(lambda c, f=flight: done(c, f))
+                if rows >= expected and not flights:
+                    break
+                wake.wait(seen)
             if lost:
                 raise lost[0]
             results = self.pool.call_all(ranks, "end_step", step)
@@ -353,8 +469,6 @@ class AsyncExecutor(Executor):
             for lease in held:
                 self.queue.release(lease)
             raise
-        finally:
-            calls.shutdown(wait=False, cancel_futures=True)
         metrics: dict[str, float] = {}
         for replica, m in zip(ranks, results, strict=True):
             self.observers.step_ended(node.name, replica.index, step, m)
@@ -409,4 +523,4 @@ class AsyncExecutor(Executor):
             }
             last = now
             self._finish_step(record, result)
-            self._changed.bump()
+            self._wake_all()
