@@ -350,8 +350,11 @@ class Executor:
         for i, replica in enumerate(list(ranks)):
             if not self.pool.is_live(replica):
                 ranks[i] = self._recover(replica, why)
-        for replica in ranks:
-            self.pool.call(replica, "discard_step")
+                continue  # a new actor has no half-accumulated step
+            try:
+                self.pool.call(replica, "discard_step")
+            except ReplicaLost:  # its worker died after the liveness check
+                ranks[i] = self._recover(replica, why)
         if len(ranks) > 1:
             self._join_groups([name])
         kept = self.step_snapshots.get(name, {})
@@ -387,6 +390,7 @@ class SyncExecutor(Executor):
         end of the previous step, and run the step again from its source rows. Leases of
         trainers are acked only after their optimizer step, so nothing is trained twice."""
         why = lost.cause or "worker gone"
+        self.pool.mark_lost(lost.worker)  # before the liveness monitor's next look
         for name in self.graph.order():
             if name in self.trainers:
                 continue
