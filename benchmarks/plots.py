@@ -1,11 +1,11 @@
 """PNGs of benchmark results, for the README: every figure names the machine, date and
 command it came from (read from the result JSONs, not typed in).
 
-    python benchmarks/plots.py --async-vs-sync R.json --runs RUNS_DIR \\
+    python benchmarks/plots.py --async-vs-sync R.json --timeline SYNC_RUN ASYNC_RUN \\
         --transfer-queue TQ.json --vs-trl TRL.json --out docs/img
 
-Any input may be left out; its figures are then not drawn. `RUNS_DIR` is the
-`--work-dir` of `benchmarks/async_vs_sync.py` (run directories with dispatches.jsonl).
+Any input may be left out; its figures are then not drawn. SYNC_RUN and ASYNC_RUN are run
+directories of the same job in the two modes (their dispatches.jsonl).
 """
 
 from __future__ import annotations
@@ -105,30 +105,33 @@ def async_vs_sync_throughput(plt, data: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "async_vs_sync.png", _source(data.get("meta", {}), command))
 
 
-def async_vs_sync_timeline(plt, runs_dir: Path, meta: dict[str, Any], out: Path) -> Path | None:
+def async_vs_sync_timeline(
+    plt, sync_dir: Path, async_dir: Path, meta: dict[str, Any], command: str, out: Path
+) -> Path:
     """The same workload's operator timeline, sync above async, over the same seconds."""
-    pairs = [("grpo-sync-seed0", "grpo-async-seed0"), ("sim-16-sync", "sim-16-async1")]
-    for sync_name, async_name in pairs:
-        sync_dir, async_dir = runs_dir / sync_name, runs_dir / async_name
-        if (sync_dir / "dispatches.jsonl").exists() and (async_dir / "dispatches.jsonl").exists():
-            break
-    else:
-        return None
     timelines = [run_timeline(sync_dir), run_timeline(async_dir)]
     lanes = max(len({(d["worker"], d["operator"], d["replica"]) for d in t[1]}) for t in timelines)
     fig, axes = plt.subplots(2, 1, figsize=(12, max(5, 0.5 * lanes * 2 + 2)), sharex=True)
-    window = (0.0, 3.0) if sync_name.startswith("grpo") else (0.0, 20.0)
+    window = (0.0, 3.0)
     for ax, (metrics, dispatches, colors), title in zip(
         axes, timelines, ("sync", "async (max staleness 1)"), strict=True
     ):
         draw_timeline(ax, metrics, dispatches, colors, window=window)
         ax.set_title(
-            f"{sync_name.split('-')[0]} {title}: operator activity per worker, "
-            f"first {window[1]:.0f} s (dotted: step ends)",
+            f"{title}: operator activity per worker, first {window[1]:.0f} s (dotted: step ends)",
             fontsize=10,
         )
-    command = "python benchmarks/async_vs_sync.py --work-dir RUNS"
     return _save(fig, out / "async_vs_sync_timeline.png", _source(meta, command))
+
+
+def _run_meta(run_dir: Path) -> dict[str, Any]:
+    """Machine and date of a run directory (its files' time; this machine)."""
+    import datetime as dt
+    import os
+
+    stamp = dt.datetime.fromtimestamp((run_dir / "metrics.jsonl").stat().st_mtime, dt.UTC)
+    gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return {"cores": os.cpu_count(), "memory_gib": gib, "date": stamp.isoformat()}
 
 
 # -- TransferQueue vs transferqueue ---------------------------------------------------------
@@ -207,7 +210,13 @@ def vs_trl(plt, data: dict[str, Any], out: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--async-vs-sync", type=Path, metavar="JSON")
-    parser.add_argument("--runs", type=Path, help="async_vs_sync.py --work-dir (timelines)")
+    parser.add_argument(
+        "--timeline",
+        nargs=2,
+        type=Path,
+        metavar=("SYNC_RUN", "ASYNC_RUN"),
+        help="two run directories of the same job (asyncflow run ... --mode sync / async)",
+    )
     parser.add_argument("--transfer-queue", type=Path, metavar="JSON")
     parser.add_argument("--vs-trl", type=Path, metavar="JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
@@ -218,8 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.async_vs_sync:
         data = json.loads(args.async_vs_sync.read_text())
         written.append(async_vs_sync_throughput(plt, data, args.out))
-        if args.runs:
-            written.append(async_vs_sync_timeline(plt, args.runs, data.get("meta", {}), args.out))
+    if args.timeline:
+        sync_dir, async_dir = args.timeline
+        meta = _run_meta(sync_dir)
+        command = "asyncflow run grpo --steps 12 --mode sync|async (the first 3 s)"
+        written.append(async_vs_sync_timeline(plt, sync_dir, async_dir, meta, command, args.out))
     if args.transfer_queue:
         written.append(transfer_queue(plt, json.loads(args.transfer_queue.read_text()), args.out))
     if args.vs_trl:
