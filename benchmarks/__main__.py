@@ -14,7 +14,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # beside the scripts, which import it by name
+    sys.path.insert(0, str(HERE))
+
+from machine_info import one_line  # noqa: E402
 
 
 @dataclass
@@ -244,19 +247,6 @@ def render(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({model}), {gib:.1f} GiB, Python {platform.python_version()}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     names = [b.name for b in BENCHMARKS]
     parser = argparse.ArgumentParser(
@@ -279,13 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_rows, results[bench.name] = run_one(bench, Path(tmp), args.full)
             rows += bench_rows
     print()
-    print(f"asyncflow benchmarks, {started:%Y-%m-%d %H:%M} UTC, {machine()}")
+    print(f"asyncflow benchmarks, {started:%Y-%m-%d %H:%M} UTC, {one_line()}")
     print(f"command: python -m benchmarks{' ' + ' '.join(argv or sys.argv[1:])}".rstrip())
     print(render(rows))
     if args.json:
         payload = {
             "date": started.isoformat(timespec="seconds"),
-            "machine": machine(),
+            "machine": one_line(),
             "table": [r.__dict__ for r in rows],
             "benchmarks": results,
         }

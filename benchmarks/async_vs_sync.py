@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
 import gc
 import io
 import itertools
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine_info import describe
 
 from asyncflow.runtime.events import RunObserver
 from asyncflow.runtime.executor import SyncExecutor
@@ -588,34 +586,6 @@ def print_real(runs: list[dict[str, Any]], bins: int) -> dict[str, Any]:
 # -- main -----------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    import dask
-    import distributed
-    import torch
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "asyncflow_commit": commit,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one layout, short runs (< 3 min)")
@@ -625,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     logging.getLogger("distributed").setLevel(logging.ERROR)
-    meta = machine() | {"mode": "quick" if args.quick else "full"}
+    meta = describe("torch", "dask", "distributed") | {"mode": "quick" if args.quick else "full"}
     meta["settings"] = dataclasses.asdict(settings)
     print(
         f"asyncflow async vs sync ({meta['mode']}) -- {meta['date']}\n"

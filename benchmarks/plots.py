@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from machine_info import memory_gib  # noqa: E402
+
 from asyncflow.runtime.observe.plot import draw_timeline, run_timeline  # noqa: E402
 
 SYNC, ASYNC, BASE, BOUND = "#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c"
@@ -130,8 +132,7 @@ def _run_meta(run_dir: Path) -> dict[str, Any]:
     import os
 
     stamp = dt.datetime.fromtimestamp((run_dir / "metrics.jsonl").stat().st_mtime, dt.UTC)
-    gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    return {"cores": os.cpu_count(), "memory_gib": gib, "date": stamp.isoformat()}
+    return {"cores": os.cpu_count(), "memory_gib": memory_gib(), "date": stamp.isoformat()}
 
 
 # -- TransferQueue vs transferqueue ---------------------------------------------------------

@@ -22,17 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import datetime as dt
 import importlib.util
 import json
 import logging
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -41,13 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask
-import distributed
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from distributed import Client, LocalCluster, get_client
 from distributed.protocol import serialize
+from machine_info import describe
 
 from asyncflow.runtime.queue import TransferQueue
 from asyncflow.runtime.queue.remote import DistributedTransferQueue
@@ -1100,43 +1096,6 @@ def bench_transferqueue(report: Report, s: Settings, quick: bool) -> None:
 # ---- main -----------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "pyarrow": pa.__version__,
-        "numpy": np.__version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "asyncflow_commit": commit,
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows and repetitions (<2 min)")
@@ -1144,7 +1103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     started = time.perf_counter()
-    meta = machine() | {"mode": "quick" if args.quick else "full", "settings": s.__dict__}
+    meta = describe("pyarrow", "numpy", "dask", "distributed") | {
+        "mode": "quick" if args.quick else "full",
+        "settings": s.__dict__,
+    }
     print(
         f"asyncflow TransferQueue benchmark ({meta['mode']}) -- {meta['date']}\n"
         f"machine: {meta['cores']} cores ({meta['cpu']}), {meta['memory_gib']} GiB RAM, "

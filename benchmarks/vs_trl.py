@@ -26,14 +26,12 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,10 @@ import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # machine_info, also when imported by tests
+
+from machine_info import describe  # noqa: E402
+
 MISSING_TRL = "this benchmark needs trl, which the core does not: pip install -e .[bench-trl]"
 
 
@@ -575,23 +577,6 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 # -- main -----------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    """Where and when: numbers from a busy 2-core machine mean little without this."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average_start": os.getloadavg()[0],
-        "asyncflow_commit": commit or "unknown",
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="asyncflow vs TRL GRPOTrainer on CPU, same model, task and settings."
@@ -652,11 +637,11 @@ def main(argv: list[str] | None = None) -> int:
         layers=args.layers,
     )
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # before transformers loads
-    meta = machine()
+    meta = describe("torch")  # where and when: busy 2-core numbers mean little without
     print(f"asyncflow vs TRL ({'quick' if args.quick else 'full'}) -- {meta['date']}")
     print(
-        f"machine: {meta['cores']} cores, {meta['ram_gib']} GiB, "
-        f"load {meta['load_average_start']:.2f}; torch {meta['torch']}, "
+        f"machine: {meta['cores']} cores, {meta['memory_gib']} GiB, "
+        f"load {meta['load_average_1m_at_start']:.2f}; torch {meta['torch']}, "
         f"asyncflow {meta['asyncflow_commit']}"
     )
     print(f"setting: {asdict(setting)}")
@@ -689,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     names = {key: run.name for key, run in runs.items()}
     print_report(summaries, names, init, skipped)
     if args.json:
-        meta["load_average_end"] = os.getloadavg()[0]
+        meta["load_average_1m_at_end"] = os.getloadavg()[0]
         report = {
             "meta": meta,
             "setting": asdict(setting),
